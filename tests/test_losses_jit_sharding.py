@@ -111,12 +111,11 @@ def make_orpo(rng, edge):
 
 
 def case_grpo(x):
-    out = {}
-    for t in ("grpo", "bnpo", "dapo", "dr_grpo"):
-        for level in ("token", "sequence"):
-            out[f"{t}/{level}"] = L.grpo_loss(x["lp"], x["old"], x["adv"], x["m"], ref_token_logps=x["ref"], beta=0.04,
-                                              epsilon_high=0.28, loss_type=t, importance_sampling_level=level,
-                                              token_entropy=x["ent"])
+    out = {}  # every loss_type and both importance-sampling levels (all 8 combinations: tests/test_losses_rl.py)
+    for t, level in [("grpo", "token"), ("bnpo", "sequence"), ("dapo", "token"), ("dr_grpo", "sequence")]:
+        out[f"{t}/{level}"] = L.grpo_loss(x["lp"], x["old"], x["adv"], x["m"], ref_token_logps=x["ref"], beta=0.04,
+                                          epsilon_high=0.28, loss_type=t, importance_sampling_level=level,
+                                          token_entropy=x["ent"])
     adv = {s: L.grpo_advantages(x["rewards"], 4, scale_rewards=s) for s in ("group", "batch", "none")}
     radv = {s: L.rank_advantages(x["ranks"], x["rm"], scale_rewards=s) for s in ("group", "batch", "none")}
     obj = sum(o[0] for o in out.values()) + sum(jnp.sum(a * jnp.arange(a.size)) for a in adv.values())
@@ -224,10 +223,8 @@ def test_jit_sharded_grad_bf16_edges(name, mesh):
         assert jnp.asarray(leaf).dtype in (jnp.float32, jnp.int32), leaf.dtype
 
 
-def test_jit_matches_eager_sft_and_reward():
-    """jit gives the same numbers as op-by-op execution (checked on the two cheapest cases)."""
-    rng = np.random.default_rng(1)
-    for name in ("sft", "reward"):
-        fn, make, _ = CASES[name]
-        x = make(rng, False)
-        _close(jax.jit(fn)(x), fn(x), rtol=1e-6, atol=1e-6)
+def test_jit_matches_eager_sft():
+    """jit gives the same numbers as op-by-op execution (checked on the cheapest case; eager compiles every op)."""
+    fn, make, _ = CASES["sft"]
+    x = make(np.random.default_rng(1), False)
+    _close(jax.jit(fn)(x), fn(x), rtol=1e-6, atol=1e-6)

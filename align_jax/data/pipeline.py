@@ -90,7 +90,8 @@ class _Bad:
         self.message = message
 
 
-def _tokenize_record(record, *, kind, tokenizer, cfg, group_size):
+def _tokenize_record(indexed_record, *, kind, tokenizer, cfg, group_size):
+    index, record = indexed_record
     ex = decode_record(record)
     source = ex.get("source", "?")
     try:
@@ -99,6 +100,8 @@ def _tokenize_record(record, *, kind, tokenizer, cfg, group_size):
             raise InvalidRecord(f"group of {len(out['input_ids'])} responses > group_size={group_size}")
     except InvalidRecord as e:
         return _Bad(f"{source}: {e}")
+    if kind == "pairwise":
+        out["record_index"] = np.int32(index)  # position in the data source (keys precomputed per-example values)
     return out
 
 
@@ -158,6 +161,9 @@ def collate_pairwise(examples, *, batch_size, buckets, pad_id):
     label_probs[:n] = [e["label_prob"] for e in examples]
     out["label_probs"] = label_probs
     out["example_weight"] = _weights(n, batch_size)
+    index = np.full((batch_size,), -1, np.int32)
+    index[:n] = [e["record_index"] for e in examples]
+    out["record_index"] = index  # -1 on padding rows
     return out
 
 
@@ -318,7 +324,7 @@ def make_loader(
 
     source = _resolve_source(source, split)
     _check_kind(source, kind)
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
     if shard_options.shard_count > 1:
         ds = ds[shard_options.shard_index :: shard_options.shard_count]
     if len(ds) == 0:

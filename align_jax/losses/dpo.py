@@ -176,7 +176,7 @@ for _t in DPO_LOSS_TYPES:
 
 @register("listwise_dpo")
 def listwise_dpo_loss(logps, ref_logps, ranks, mask, *, beta=0.1):
-    """DPO under the Plackett–Luce model over K ranked responses (Rafailov et al. 2023, appendix A.3, the Plackett–Luce objective):
+    """DPO under the Plackett–Luce model over K ranked responses (Rafailov et al. 2023, appendix A.3):
 
         L = mean_b Σ_i [ −β·h_i + log Σ_{j ∈ C_i} exp(β·h_j) ],   h = logπ(y) − logπ_ref(y)
 

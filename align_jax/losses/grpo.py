@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from align_jax.losses.common import clamped_exp, masked_count, masked_sum, safe_div, to_f32
+from align_jax.losses.common import clamped_exp, is_static_number, masked_count, masked_sum, safe_div, to_f32
 from align_jax.losses.registry import register
 
 _SCALES = ("group", "batch", "none")
@@ -100,6 +100,8 @@ def grpo_loss(token_logps, old_token_logps, advantages, mask, *, ref_token_logps
     extreme log-probs finite; below that the value is exact.
 
     Args: token_logps, old_token_logps, ref_token_logps, token_entropy, mask: [B, T]; advantages [B] or [B, T].
+      beta, epsilon, epsilon_high may be traced; loss_type, importance_sampling_level, max_completion_length are
+      Python values (static under jit).
     Metrics (TRL's definitions): `kl` masked token mean of KL_t (when ref_token_logps is given),
       `clip_ratio/low_mean` mean of (ρ < 1−ε and A < 0), `clip_ratio/high_mean` mean of (ρ > 1+ε_high and A > 0),
       `clip_ratio/region_mean` mean of their union — token-masked means at token level, means over sequences at
@@ -109,7 +111,7 @@ def grpo_loss(token_logps, old_token_logps, advantages, mask, *, ref_token_logps
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}; known: {', '.join(_GRPO_LOSS_TYPES)}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if beta != 0.0 and ref_token_logps is None:
+    if ref_token_logps is None and not (is_static_number(beta) and beta == 0.0):
         raise ValueError("beta != 0 needs ref_token_logps")
     eps_low = epsilon
     eps_high = epsilon if epsilon_high is None else epsilon_high
@@ -138,8 +140,7 @@ def grpo_loss(token_logps, old_token_logps, advantages, mask, *, ref_token_logps
         d = ref - logp
         kl = clamped_exp(d) - d - 1.0
         metrics["kl"] = safe_div(masked_sum(kl, m), masked_count(m))
-        if beta != 0.0:
-            per_token = per_token + beta * kl
+        per_token = per_token + beta * kl  # kl is finite, so β = 0 adds exactly 0 (β may be traced)
     per_token = jnp.broadcast_to(per_token, m.shape)
 
     total = masked_sum(per_token, m)

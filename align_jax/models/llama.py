@@ -7,9 +7,15 @@ carry logical axis names (`logical_axes` metadata) that `align_jax.parallel.RULE
 Numerics follow transformers' eager implementation (`modeling_llama.py`, `modeling_qwen2.py`,
 `modeling_qwen3.py`): RMSNorm in fp32 then cast back; RoPE with `rotate_half`, cos/sin computed in fp32 from
 `inv_freq @ positions`; attention softmax in fp32; SwiGLU MLP `down(silu(gate(x)) * up(x))`.
+
+Incremental decoding: `model(ids, mask, positions, cache=kv)` with a preallocated `KVCache` (see
+`init_cache`) writes the new tokens' keys/values into slots [end, end + T) and attends over all S slots,
+masked to the valid ones (left-pad and unwritten slots are invalid) and causally by slot index.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +112,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(E, c.rms_norm_eps, dt, rngs)
         self.c = c
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
+        """Returns y [B, T, D]; with `kv` = (k_cache, v_cache) [B, S, K, E] the new keys/values are first
+        written at slots [index, index + T), attention runs over the S cached slots (`mask_BxTxS` [B, T, S])
+        and (y, (k_cache, v_cache)) is returned."""
         c, dt = self.c, x_BxTxD.dtype
         B, T, _ = x_BxTxD.shape
         q = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.q[...].astype(dt))
@@ -117,6 +126,9 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1).astype(dt)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1).astype(dt)
         K, G = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
         q = q.reshape(B, T, K, G, c.head_dim)
         scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -127,7 +139,7 @@ class Attention(nnx.Module):
         y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt))
         if c.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y
+        return y if kv is None else (y, (k, v))
 
 
 class MLP(nnx.Module):
@@ -165,9 +177,50 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype, rngs)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        h = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return h + self.mlp(self.post_attn_norm(h))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        if kv is None:
+            h = x + self.attn(self.input_norm(x), cos, sin, mask)
+            return h + self.mlp(self.post_attn_norm(h))
+        a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+        h = x + a
+        return h + self.mlp(self.post_attn_norm(h)), kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated attention cache. k[l], v[l]: [B, S, K, E] keys (after RoPE) and values of layer l;
+    `valid_BxS`: slot holds a real token (left padding and not-yet-written slots are False); `end`: int32
+    scalar, number of slots written so far (where the next tokens go)."""
+
+    k: list
+    v: list
+    valid_BxS: jax.Array
+    end: jax.Array
+
+    def map_batch(self, fn) -> "KVCache":
+        """Applies `fn` to every array with a batch axis (e.g. repeat or a sharding constraint)."""
+        return KVCache([fn(x) for x in self.k], [fn(x) for x in self.v], fn(self.valid_BxS), self.end)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows, in the compute dtype (or `dtype`)."""
+    dt = dtype or config.compute_dtype
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    zeros = lambda: jnp.zeros(shape, dt)  # noqa: E731
+    return KVCache([zeros() for _ in range(config.num_hidden_layers)],
+                   [zeros() for _ in range(config.num_hidden_layers)],
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def cached_attention_mask_BxTxS(cache: KVCache, attention_mask_BxT, T: int):
+    """[B, T, S]: query t (written at slot end + t) sees slot s iff s <= end + t and slot s is valid, after
+    marking slots [end, end + T) valid where `attention_mask_BxT` is 1. Returns (mask, new valid_BxS)."""
+    B, S = cache.valid_BxS.shape
+    new = jnp.ones((B, T), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, new, cache.end, axis=1)
+    causal_TxS = jnp.arange(S)[None, :] <= (cache.end + jnp.arange(T))[:, None]
+    return valid_BxS[:, None, :] & causal_TxS[None], valid_BxS
 
 
 _REMAT = {
@@ -202,9 +255,16 @@ class Transformer(nnx.Module):
         return w.astype(self.config.compute_dtype)
 
     def __call__(self, input_ids_BxT, attention_mask=None, positions=None, segment_ids=None, *,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, cache: KVCache | None = None):
+        """Logits [B, T, V] (fp32) or, with `return_hidden`, final hidden states [B, T, D].
+
+        With `cache` (a `KVCache`), the T tokens are appended to it (`attention_mask` then marks which of
+        them are real, default all; `positions` are required since they continue the cached sequence) and
+        `(output, new_cache)` is returned."""
         c = self.config
         B, T = input_ids_BxT.shape
+        if cache is not None:
+            return self._call_cached(input_ids_BxT, attention_mask, positions, segment_ids, cache, return_hidden)
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, B, T)
         mask = attention_mask_BxTxS(attention_mask, segment_ids, T)
@@ -219,6 +279,25 @@ class Transformer(nnx.Module):
         if return_hidden:
             return h
         return jnp.einsum("btd,dv->btv", h, self.lm_head_DxV(), preferred_element_type=jnp.float32)
+
+    def _call_cached(self, input_ids_BxT, attention_mask, positions, segment_ids, cache, return_hidden):
+        c = self.config
+        T = input_ids_BxT.shape[1]
+        if positions is None or segment_ids is not None:
+            raise ValueError("with a KV cache, pass explicit `positions` and no `segment_ids`")
+        mask, valid_BxS = cached_attention_mask_BxTxS(cache, attention_mask, T)
+        cos, sin = rope_cos_sin(self.inv_freq[...], positions, c.compute_dtype)
+        x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(c.compute_dtype)
+        ks, vs = [], []
+        for block, k, v in zip(self.layers, cache.k, cache.v):
+            x, (k, v) = block(x, cos, sin, mask, (k, v), cache.end)
+            ks.append(k)
+            vs.append(v)
+        new_cache = KVCache(ks, vs, valid_BxS, cache.end + T)
+        h = self.final_norm(x)
+        if return_hidden:
+            return h, new_cache
+        return jnp.einsum("btd,dv->btv", h, self.lm_head_DxV(), preferred_element_type=jnp.float32), new_cache
 
 
 def init_model(config: ModelConfig, seed: int = 0, mesh=None) -> Transformer:

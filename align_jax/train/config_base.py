@@ -1,0 +1,83 @@
+"""The shared experiment config: every field, commented. `configs/*.py` start from `base_config()` and set what
+their algorithm needs; any field can be overridden on the command line (`--config.optimizer.learning_rate=5e-7`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "dpo"  # one of align_jax.train.algorithms.ALGORITHMS: sft | reward_model | dpo | orpo
+    c.seed = 0  # seeds parameter init (random init only), data shuffling and the state RNG
+
+    c.model = ml_collections.ConfigDict()
+    # Where the weights come from: a Hugging Face model directory; "toy" = the embedded toy config randomly
+    # initialised; "random:<path to config.json>" = that architecture randomly initialised.
+    c.model.init_from = "toy"
+    c.model.tokenizer = ""  # tokenizer directory (AutoTokenizer); "" = init_from's directory, or the toy tokenizer
+    c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
+    c.model.compute_dtype = ""  # activation dtype; "" = same as dtype
+    c.model.remat = "none"  # gradient checkpointing per layer: none | full | dots | dots_with_no_batch_dims
+
+    c.data = ml_collections.ConfigDict()
+    # JSON/JSONL file(s) (a path, a glob, or comma-separated paths), an HH-RLHF directory ("hh:<dir>"), or a
+    # file of the embedded toy task ("toy:<name>", e.g. toy:pairs, toy:sft, toy:groups_ranked).
+    c.data.train = "toy:pairs"
+    c.data.eval = "toy:eval_pairs"  # held-out data in the same format ("" = no eval)
+    c.data.kind = ""  # pairwise | groupwise | sft; "" = the algorithm's default (groupwise for ranked RMs)
+    c.data.data_dir = ""  # where TFDS datasets are built; "" = <workdir>/tfds
+    c.data.max_length = 128  # prompt + completion tokens (TRL's max_length)
+    c.data.max_prompt_length = 0  # 0 = no separate prompt limit
+    c.data.truncation_mode = "keep_start"  # keep_start | keep_end (TRL)
+    c.data.length_buckets = (64, 128)  # batches are padded to the smallest bucket that fits: no recompiles
+    c.data.packing = False  # SFT only: pack several examples per row (segment ids keep them apart)
+    c.data.group_size = 0  # groupwise: responses per prompt K (0 = largest in the data)
+    c.data.on_bad_example = "raise"  # raise | skip (skipped examples are counted and logged)
+    c.data.shuffle = True
+    c.data.toy_seed = 0  # seed of the embedded toy task's generator
+
+    c.batch_size = 32  # global batch (pairs / groups / rows) per optimizer step
+    c.total_steps = 200  # optimizer steps
+    c.chunk_size = 8192  # vocabulary chunk of the log-prob op
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | sgd
+    c.optimizer.learning_rate = 5e-7
+    c.optimizer.schedule = "linear"  # cosine | linear | constant (after linear warmup); TRL's default is linear
+    c.optimizer.warmup_steps = 0
+    c.optimizer.min_lr_ratio = 0.0  # final lr / peak lr
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.max_grad_norm = 1.0  # 0 = no clipping
+    c.optimizer.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "dpo:sigmoid"  # a name from align_jax.losses.available()
+    c.loss.kwargs = ml_collections.ConfigDict({"beta": 0.1})  # keyword arguments of that loss
+    c.loss.use_soft_labels = True  # pass the data's chosen_prob as label_probs (1.0 for hard labels)
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.precompute = False  # DPO: compute reference log-probs once before training
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # pure data parallelism
+    c.mesh.fsdp = -1  # FSDP (-1: all remaining devices)
+    c.mesh.tensor = 1  # tensor parallelism
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # also saved at the end and on SIGTERM
+    c.checkpoint.keep = 3  # keep the last K
+    c.checkpoint.async_save = True
+
+    c.log_every = 10  # steps between console/TensorBoard logs (metrics.jsonl gets every step)
+    c.eval_every = 100  # steps between evaluations (0 = only at the end)
+    c.eval_batches = 0  # 0 = the whole eval set
+    c.eval_batch_size = 64
+    c.progress_bar = True
+    c.export = True  # write the final policy as a Hugging Face directory to <workdir>/export
+    c.debug_kill_at_step = 0  # tests only: SIGKILL the process right after the checkpoint of this step
+    return c

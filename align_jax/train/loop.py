@@ -1,0 +1,209 @@
+"""`train(config, workdir)`: the one training loop shared by every algorithm.
+
+Setup (validated before anything compiles): mesh -> tokenizer -> model (loaded or initialised straight into its
+shardings) -> frozen reference (DPO) -> TFDS dataset + Grain loader -> optax -> state -> Orbax manager (resume
+from the latest checkpoint if there is one, data iterator included).
+
+Loop: dispatch step k, then read step k-1's metrics (one step late, so the host never waits on the device
+mid-step); log every step to metrics.jsonl, every `log_every` to TensorBoard and the progress bar; evaluate
+every `eval_every`; checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (preemption). A
+non-finite loss stops the run after saving the last good state (the step skipped the bad update).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from align_jax.parallel import BATCH, make_mesh
+from align_jax.train import setup
+from align_jax.train.algorithms import get_algorithm
+from align_jax.train.checkpointing import Checkpointer
+from align_jax.train.metrics_io import MetricsWriter, ProgressBar
+from align_jax.train.optim import make_optimizer
+from align_jax.train.step import jit_eval_step, jit_train_step
+from align_jax.train.validate import validate_config
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _host_batch(batch: dict) -> dict:
+    """The numeric arrays of a loader batch (host-side text columns stay on the host)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+
+
+def _to_device(batch: dict, mesh) -> dict:
+    """Each process's rows -> one global array per key, split over the batch mesh axes."""
+    out = {}
+    for k, v in batch.items():
+        sharding = NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1))))
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
+
+
+def _batch_shardings(batch: dict, mesh):
+    return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
+
+
+def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0) -> dict:
+    """Weighted means over the eval set of the algorithm's per-example quantities (padding rows weigh 0)."""
+    sums, total = {}, 0.0
+    for i, batch in enumerate(iter(loader_fn())):
+        if max_batches and i >= max_batches:
+            break
+        host = _host_batch(batch)
+        out = jax.device_get(eval_fn(params, _to_device(host, mesh), ref_params))
+        w = host["example_weight"]
+        total += float(w.sum())
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float((np.asarray(v) * w).sum())
+    if "nll_sum" in sums:  # SFT: token-weighted NLL and perplexity
+        sums = {"nll": sums["nll_sum"] / max(sums["num_tokens"], 1.0)}
+        sums["perplexity"] = float(np.exp(sums["nll"]))
+        return {f"eval/{k}": v for k, v in sums.items()}
+    return {f"eval/{k}": v / max(total, 1.0) for k, v in sums.items()}
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) the experiment described by `config` in `workdir`; returns the last metrics."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    algorithm = get_algorithm(config.algorithm)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, key="config.mesh")
+    setup.check_batch_divisibility(config, mesh)
+    tokenizer = setup.load_tokenizer(config)
+    data = setup.make_data(config, workdir, tokenizer, algorithm)
+    model = setup.build_model(config, mesh, algorithm)
+    ref_model = setup.build_reference(config, mesh, algorithm)
+
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = jax.jit(tx.init)(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+             "rng": jax.random.key_data(jax.random.key(config.seed))}
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        else NamedSharding(mesh, P()), state))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    if ref_model is not None:
+        ref_graphdef, ref_params, ref_rest = nnx.split(ref_model, nnx.Param, ...)
+        ref_shardings = jax.tree.map(lambda x: x.sharding, ref_params)
+    else:
+        ref_graphdef = ref_params = ref_rest = ref_shardings = None
+    eval_ref = (ref_graphdef, ref_params, ref_rest, ref_shardings)
+    # precomputed reference log-probs (same numbers as the live reference; see setup.precompute_reference)
+    if ref_model is not None and config.reference.precompute:
+        data = setup.precompute_reference(config, data, ref_model, mesh, tokenizer)
+        ref_graphdef = ref_params = ref_rest = ref_shardings = None
+
+    train_iter = iter(data.train)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    start = ckpt.restore_latest(state, train_iter)
+    if start is not None:
+        state, start_step = start
+        log.info("resumed from step %d", start_step)
+    start_step = int(jax.device_get(state["step"]))
+
+    replicated = NamedSharding(mesh, P())
+    common = dict(graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef, ref_rest=ref_rest, algorithm=algorithm,
+                  cfg=config)
+    step_fn = None
+    eval_fn = None
+
+    def run_eval():
+        nonlocal eval_fn
+        if data.eval is None:
+            return {}
+        if eval_fn is None:
+            first = _host_batch(next(iter(data.eval())))
+            eval_fn = jit_eval_step(params_shardings=state_shardings["params"],
+                                    batch_shardings=_batch_shardings(first, mesh), ref_shardings=eval_ref[3],
+                                    out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
+                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config)
+        return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches)
+
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    stop = {"sigterm": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    bar = ProgressBar(config.total_steps, start_step, enabled=config.progress_bar and jax.process_index() == 0)
+    pending = None  # (step, metrics on device, tokens, t0): read one step late
+    last = {}
+    tokens_key = {"sft": ("attention_mask",), "pairwise": ("chosen_attention_mask", "rejected_attention_mask"),
+                  "groupwise": ("attention_mask",)}[data.kind]
+
+    def flush(p):
+        nonlocal last
+        step, metrics, n_tokens, t0 = p
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t0
+        m["tokens_per_second"] = n_tokens / max(dt, 1e-9)
+        m["skipped_examples"] = float(data.skips.num_skipped) if data.skips is not None else 0.0
+        writer.write(step, m, tensorboard=(step % config.log_every == 0 or step == config.total_steps))
+        bar.update(step, m)
+        last = m
+        if m["nonfinite"] > 0:
+            ckpt.save(int(jax.device_get(state["step"])), state, train_iter, force=True)
+            ckpt.wait()
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {step}; the update was skipped and "
+                                     f"the last good state (step {step - 1}) is saved in {ckpt.directory}")
+
+    try:
+        step = start_step
+        t_prev = time.perf_counter()
+        while step < config.total_steps:
+            batch = _host_batch(next(train_iter))
+            n_tokens = sum(float(batch[k].sum()) for k in tokens_key)
+            dev_batch = _to_device(batch, mesh)
+            if step_fn is None:
+                step_fn = jit_train_step(state_shardings=state_shardings,
+                                         batch_shardings=_batch_shardings(batch, mesh), ref_shardings=ref_shardings,
+                                         metric_sharding=replicated, tx=tx, schedule=schedule,
+                                         accum=config.optimizer.grad_accum_steps, **common)
+            state, metrics = step_fn(state, dev_batch, ref_params)
+            step += 1
+            if pending is not None:
+                flush(pending)
+            now = time.perf_counter()
+            pending = (step, metrics, n_tokens, t_prev)
+            t_prev = now
+            if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                flush(pending)
+                pending = None
+                writer.write(step, run_eval(), tensorboard=True)
+            if step % config.checkpoint.every_steps == 0 or stop["sigterm"]:
+                ckpt.save(step, state, train_iter)
+                if config.debug_kill_at_step and step == config.debug_kill_at_step:
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if stop["sigterm"]:
+                log.warning("SIGTERM: checkpoint saved at step %d; exiting", step)
+                break
+        if pending is not None:
+            flush(pending)
+        if not stop["sigterm"]:
+            final_eval = run_eval()
+            writer.write(step, final_eval, tensorboard=True)
+            last.update(final_eval)
+            ckpt.save(step, state, train_iter, force=True)
+            if config.export:
+                setup.export(config, nnx.merge(graphdef, state["params"], rest), tokenizer,
+                             os.path.join(workdir, "export"))
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        bar.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    return last

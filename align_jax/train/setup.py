@@ -1,0 +1,224 @@
+"""Building the pieces of a run from its config: tokenizer, data, model, reference model, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax.models import from_hf_config, load_hf_config, load_pretrained, save_pretrained
+from align_jax.models.heads import ScalarHeadModel
+from align_jax.models.llama import Transformer
+from align_jax.parallel import create_sharded
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def check_batch_divisibility(config, mesh) -> None:
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % replicas:
+            raise SetupError(f"config.{key}={config[key]} is not divisible by the data-parallel size "
+                             f"{replicas} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    per_replica = config.batch_size // replicas
+    if per_replica % config.optimizer.grad_accum_steps:
+        raise SetupError(f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps} does not divide "
+                         f"the per-replica batch {per_replica} (config.batch_size / {replicas})")
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(config):
+    from transformers import AutoTokenizer
+
+    from align_jax.data.toy import TOKENIZER_DIR
+
+    path = config.model.tokenizer
+    if not path:
+        init = config.model.init_from
+        path = str(TOKENIZER_DIR) if init == "toy" or init.startswith("random:") else init
+    if not os.path.isdir(path):
+        raise SetupError(f"config.model.tokenizer: {path!r} is not a directory")
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class Data:
+    kind: str
+    train: object  # grain IterDataset of batches (infinite)
+    eval: Callable | None  # () -> a fresh one-epoch eval IterDataset
+    skips: object
+    train_source: object = None
+    loader_kw: dict = dataclasses.field(default_factory=dict)
+
+
+def _resolve_files(spec: str, workdir: str, config, key: str):
+    """'toy:<name>' | 'hh:<dir>' | paths/globs (comma-separated) -> ('files', [paths]) or ('hh', dir)."""
+    if spec.startswith("toy:"):
+        from align_jax.data.toy import generate
+
+        out = os.path.join(workdir, "toy_data")
+        name = spec[4:]
+        path = os.path.join(out, f"{name}.jsonl")
+        if not os.path.exists(path):
+            files = generate(out, seed=config.data.toy_seed)
+            if name not in {k for k in files}:
+                raise SetupError(f"config.data.{key}={spec!r}: the toy task has no file {name!r}; "
+                                 f"it has {sorted(files)}")
+        return "files", [path]
+    if spec.startswith("hh:"):
+        return "hh", spec[3:]
+    paths = []
+    for part in spec.split(","):
+        found = sorted(glob.glob(part.strip()))
+        if not found:
+            raise SetupError(f"config.data.{key}: no file matches {part.strip()!r}")
+        paths += found
+    return "files", paths
+
+
+def _build(spec: str, kind: str, workdir: str, config, key: str, split: str):
+    from align_jax.data import build_dataset
+    from align_jax.data.hh_rlhf import build_hh_rlhf
+
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+    how, what = _resolve_files(spec, workdir, config, key)
+    if how == "hh":
+        builder, stats = build_hh_rlhf(what, data_dir=data_dir, on_bad_example=config.data.on_bad_example,
+                                       splits=(split,))
+        return builder.as_data_source(split), stats
+    builder, stats = build_dataset(what, kind=kind, data_dir=data_dir, on_bad_example=config.data.on_bad_example)
+    if stats.num_skipped:
+        log.warning("%s: skipped %d bad examples, e.g. %s", spec, stats.num_skipped, stats.skipped_reasons[:3])
+    return builder.as_data_source("train"), stats
+
+
+def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
+    from align_jax.data import make_loader
+
+    kind = config.data.kind or algorithm.data_kind
+    train_source, _ = _build(config.data.train, kind, workdir, config, "train", "train")
+    kw = dict(kind=kind, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length or None,
+              truncation_mode=config.data.truncation_mode, length_buckets=tuple(config.data.length_buckets),
+              group_size=config.data.group_size or None, on_bad_example=config.data.on_bad_example)
+    train, skips = make_loader(train_source, tokenizer, batch_size=config.batch_size // jax.process_count(),
+                               seed=config.seed, shuffle=config.data.shuffle, num_epochs=None,
+                               packing=config.data.packing, drop_remainder=True, **kw)
+    eval_fn = None
+    if config.data.eval:
+        eval_source, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")
+
+        def eval_fn():
+            ds, _ = make_loader(eval_source, tokenizer, batch_size=config.eval_batch_size // jax.process_count(),
+                                seed=0, shuffle=False, num_epochs=1, packing=False, drop_remainder=False, **kw)
+            return ds
+
+    return Data(kind, train, eval_fn, skips, train_source, kw)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _model_kw(config):
+    return dict(param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype or None,
+                remat_policy=config.model.remat)
+
+
+def build_model(config, mesh, algorithm, *, seed_offset: int = 0):
+    """The policy (or the reward model: decoder + scalar head), created straight into its shardings."""
+    init = config.model.init_from
+    kw = _model_kw(config)
+    if init == "toy" or init.startswith("random:"):
+        if init == "toy":
+            from align_jax.data.toy import toy_model_config
+
+            mcfg = from_hf_config(toy_model_config(), **kw)
+        else:
+            mcfg = load_hf_config(init[len("random:"):], **kw)
+        seed = config.seed + seed_offset
+        if algorithm.scalar_head:
+            return create_sharded(lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
+        return create_sharded(lambda: Transformer(mcfg, rngs=nnx.Rngs(seed)), mesh)
+    if not os.path.isdir(init):
+        raise SetupError(f"config.model.init_from={init!r}: not a directory (nor 'toy' / 'random:<config.json>')")
+    backbone = load_pretrained(init, dtype=kw["param_dtype"], compute_dtype=kw["compute_dtype"],
+                               remat_policy=kw["remat_policy"], mesh=mesh)
+    if not algorithm.scalar_head:
+        return backbone
+    # A fresh scalar head on the pretrained backbone (the head is tiny: replicated is fine).
+    head = ScalarHeadModel(backbone.config, rngs=nnx.Rngs(config.seed), backbone=backbone)
+    return head
+
+
+def build_reference(config, mesh, algorithm):
+    """The frozen reference policy (DPO): the same initial weights as the policy, or None when the loss is
+    reference-free (`config.loss.reference_free`)."""
+    if not algorithm.needs_reference or config.loss.get("reference_free", False):
+        return None
+    return build_model(config, mesh, algorithm)
+
+
+def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data:
+    """One pass over the training source (unshuffled) computes the reference sequence log-probs of every
+    pair, keyed by record index; the training batches then carry them (`ref_chosen_logps`,
+    `ref_rejected_logps`), so no reference forward runs during training. The values are those the live
+    reference would give (same function, same masks)."""
+    from align_jax.data import make_loader
+    from align_jax.train.algorithms import _pair_token_logps, _seq
+    from align_jax.train.loop import _host_batch, _to_device
+
+    n = len(data.train_source)
+    table = np.full((n, 2), np.nan, np.float32)
+    graphdef, params, rest = nnx.split(ref_model, nnx.Param, ...)
+
+    @jax.jit
+    def ref_logps(params, batch):
+        m = nnx.merge(graphdef, params, rest)
+        (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(m, batch, config.chunk_size)
+        return _seq(c_lp, c_m), _seq(r_lp, r_m)
+
+    ds, _ = make_loader(data.train_source, tokenizer, batch_size=config.eval_batch_size // jax.process_count(),
+                        seed=0, shuffle=False, num_epochs=1, drop_remainder=False, shard_by_process=False,
+                        **data.loader_kw)
+    for batch in ds:
+        host = _host_batch(batch)
+        c, r = jax.device_get(ref_logps(params, _to_device(host, mesh)))
+        idx = host["record_index"]
+        ok = idx >= 0
+        table[idx[ok], 0], table[idx[ok], 1] = np.asarray(c)[ok], np.asarray(r)[ok]
+
+    def attach(batch):
+        idx = batch["record_index"]
+        batch = dict(batch)
+        batch["ref_chosen_logps"] = np.where(idx >= 0, table[np.maximum(idx, 0), 0], 0.0).astype(np.float32)
+        batch["ref_rejected_logps"] = np.where(idx >= 0, table[np.maximum(idx, 0), 1], 0.0).astype(np.float32)
+        return batch
+
+    return dataclasses.replace(data, train=data.train.map(attach))
+
+
+def export(config, model, tokenizer, path: str) -> None:
+    """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer)."""
+    if isinstance(model, ScalarHeadModel):
+        save_pretrained(model.backbone, path)
+        if jax.process_index() == 0:
+            np.save(os.path.join(path, "score_head.npy"), np.asarray(jax.device_get(model.score[...])))
+    else:
+        save_pretrained(model, path)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,82 @@
+"""The train step: a module-level pure function, jitted once (per length bucket) with explicit shardings and the
+state donated.
+
+state = {"step": int32[], "params": nnx.State (Params only), "opt_state": optax state, "rng": uint32[2]}.
+
+A step computes the algorithm's loss and gradients (optionally accumulated over `grad_accum_steps` micro-batches
+with a `lax.scan`: micro-batch i is rows i, i+A, i+2A, ... so that no row moves between devices), applies one
+optax update, and *skips* the update when the loss or the gradient norm is not finite (`nonfinite` = 1 in the
+metrics), so the state stays the last good one while the host, reading metrics one step late, stops the run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def _microbatches(batch, accum: int):
+    def split(x):
+        B = x.shape[0]
+        return x.reshape(B // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
+               accum: int = 1):
+    """One optimizer step. Returns (new_state, metrics: dict of float32 scalars)."""
+    ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
+
+    def loss_of(params, mb):
+        model = nnx.merge(graphdef, params, rest)
+        loss, metrics = algorithm.loss(model, mb, ref_model, cfg)
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    params = state["params"]
+    if accum == 1:
+        (loss, metrics), grads = grad_fn(params, batch)
+    else:
+        def body(g_acc, mb):
+            (l, m), g = grad_fn(params, mb)
+            return jax.tree.map(jnp.add, g_acc, g), (l, m)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (ls, ms) = jax.lax.scan(body, zeros, _microbatches(batch, accum))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss, metrics = ls.mean(), jax.tree.map(lambda m: m.mean(), ms)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": keep(new_params, params),
+                 "opt_state": keep(new_opt, state["opt_state"]), "rng": state["rng"]}
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                   nonfinite=1.0 - ok.astype(jnp.float32))
+    return new_state, metrics
+
+
+def eval_step(params, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg):
+    """Per-example eval quantities {name: [B]} (the host weights them by `example_weight`)."""
+    model = nnx.merge(graphdef, params, rest)
+    ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
+    return algorithm.eval(model, batch, ref_model, cfg)
+
+
+def jit_train_step(*, state_shardings, batch_shardings, ref_shardings, metric_sharding, **kw):
+    """`train_step` jitted with explicit in/out shardings and the state donated."""
+    return jax.jit(functools.partial(train_step, **kw),
+                   in_shardings=(state_shardings, batch_shardings, ref_shardings),
+                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+
+
+def jit_eval_step(*, params_shardings, batch_shardings, ref_shardings, out_sharding, **kw):
+    return jax.jit(functools.partial(eval_step, **kw), in_shardings=(params_shardings, batch_shardings, ref_shardings),
+                   out_shardings=out_sharding)

@@ -1,0 +1,33 @@
+"""DPO (Rafailov et al. 2023) with TRL DPOTrainer's defaults (beta=0.1, sigmoid loss, linear lr decay).
+
+    python -m align_jax.main --config=configs/dpo.py --workdir=/tmp/dpo
+    python -m align_jax.main --config=configs/dpo.py:tiny --workdir=/tmp/dpo_tiny   # seconds, for tests
+    --config.loss.name=dpo:ipo  --config.loss.kwargs.beta=0.5  --config.model.init_from=/path/to/hf_dir
+
+Default: the embedded toy task (policy and reference start from `model.init_from`, e.g. the SFT export).
+"""
+
+from align_jax.train.config_base import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.algorithm = "dpo"
+    c.loss.name = "dpo:sigmoid"  # any dpo:* variant of align_jax.losses
+    c.loss.kwargs = {"beta": 0.1, "label_smoothing": 0.0}
+    c.loss.reference_free = False  # True: no reference model (ref log-probs 0)
+    c.data.train = "toy:pairs"
+    c.data.eval = "toy:eval_pairs"
+    c.optimizer.learning_rate = 5e-6
+    c.optimizer.schedule = "linear"
+    c.batch_size = 32
+    c.total_steps = 200
+    if arg == "tiny":
+        c.total_steps = 6
+        c.batch_size = 8
+        c.eval_batch_size = 8
+        c.eval_batches = 2
+        c.checkpoint.every_steps = 3
+        c.eval_every = 0
+        c.progress_bar = False
+    return c

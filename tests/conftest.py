@@ -9,3 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Compiled programs are cached on disk so that the many small train() runs of the suite (and the subprocesses
+# of the resume test) do not recompile identical steps.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -73,9 +73,10 @@ def case_dpo(x):
     args = (x["c"], x["r"], x["rc"], x["rr"])
     kw = dict(beta=0.1, label_smoothing=0.1, chosen_lengths=x["nc"], rejected_lengths=x["nr"])
     out = {t: L.dpo_loss(*args, loss_type=t, **kw) for t in PAIR_TYPES}
-    out["multi"] = L.dpo_loss(*args, loss_type=["sigmoid", "hinge", "sft", "ipo"], loss_weights=[0.8, 0.2, 1.0, 0.1],
+    out["multi"] = L.dpo_loss(*args, loss_type=["sigmoid", "bco_pair", "sft", "aot"], loss_weights=[0.8, 0.2, 1.0, 0.1],
                               label_probs=x["p"], chosen_nll=-jnp.mean(jnp.asarray(x["c"], jnp.float32)) / 10, **kw)
-    out["bco_batch"] = L.dpo_loss(*args, loss_type="bco_pair", bco_delta="batch")
+    out["bco_batch"] = L.dpo_loss(*args, loss_type="bco_pair", bco_delta="batch", label_probs=x["p"])
+    out["nca_soft"] = L.dpo_loss(*args, loss_type="nca_pair", label_probs=x["p"])
     return sum(o[0] for o in out.values()), out
 
 
@@ -179,7 +180,7 @@ def _vg(fn, diff):
 
 
 def _finite(tree):
-    return all(bool(jnp.all(jnp.isfinite(jnp.asarray(a, jnp.float32)))) for a in jax.tree_util.tree_leaves(tree))
+    return all(bool(np.all(np.isfinite(np.asarray(a, np.float64)))) for a in jax.tree_util.tree_leaves(tree))
 
 
 def _close(a, b, rtol, atol):
@@ -195,11 +196,10 @@ def mesh():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_jit_sharded_grad_bf16_edges(name, mesh):
-    """Three compiles per case: value-and-grad (fp32), forward on sharded inputs, forward on bf16 inputs."""
+    """Two compiles per case: value-and-grad (fp32, unsharded) and forward on sharded bf16 inputs."""
     fn, make, diff = CASES[name]
     rng = np.random.default_rng(0)
     vg = _vg(fn, diff)
-    fwd = jax.jit(fn)
     x = make(rng, False)
     (obj, out), grads = vg(x)
     assert _finite(out) and _finite(obj) and _finite(grads)
@@ -207,20 +207,18 @@ def test_jit_sharded_grad_bf16_edges(name, mesh):
     (obj_e, out_e), grads_e = vg(make(rng, True))
     assert _finite(out_e) and _finite(obj_e), f"{name}: non-finite output on edge cases"
     assert _finite(grads_e), f"{name}: non-finite gradient on edge cases"
-    # the batch sharded over the 8-device mesh gives the same result
+    # bf16 inputs, batch sharded over the 8-device mesh, give the fp32 unsharded answer on the bf16-rounded values
+    # (a bf16 computation would be off by ~1e-2; sharding only reorders fp32 reductions)
     sh = NamedSharding(mesh, P("data"))
-    xs = {k: jax.device_put(v, sh) for k, v in x.items()}
-    assert all(v.sharding == sh for v in xs.values())
-    obj_s, out_s = fwd(xs)
-    _close((obj_s, out_s), (obj, out), rtol=2e-5, atol=2e-5)
-    # bf16 inputs give the fp32 answer on the bf16-rounded values, in fp32
     xb = {k: (jnp.asarray(v, jnp.bfloat16) if v.dtype == np.float32 else v) for k, v in x.items()}
     xr = {k: (np.asarray(jnp.asarray(v, jnp.float32)) if v.dtype == jnp.bfloat16 else v) for k, v in xb.items()}
-    obj_b, out_b = fwd(xb)
+    xs = {k: jax.device_put(v, sh) for k, v in xb.items()}
+    assert all(v.sharding == sh for v in xs.values())
+    obj_s, out_s = jax.jit(fn)(xs)
     (obj_r, out_r), _ = vg(xr)
-    _close((obj_b, out_b), (obj_r, out_r), rtol=1e-6, atol=1e-6)
-    for leaf in jax.tree_util.tree_leaves(out_b):
-        assert jnp.asarray(leaf).dtype in (jnp.float32, jnp.int32), leaf.dtype
+    _close((obj_s, out_s), (obj_r, out_r), rtol=2e-5, atol=2e-5)
+    for leaf in jax.tree_util.tree_leaves(out_s):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
 
 
 def test_jit_matches_eager_sft():

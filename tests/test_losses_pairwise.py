@@ -281,6 +281,34 @@ def test_dpo_cdpo_and_soft_labels():
     np.testing.assert_allclose(f(loss), np.mean(p * np.maximum(0, 1 - d) + (1 - p) * np.maximum(0, 1 + d)), **TOL)
 
 
+@jax.jit
+def dpo_soft_all(c, r, rc, rr, nc, nr, p):
+    return {t: L.dpo_loss(c, r, rc, rr, beta=0.3, loss_type=t, label_smoothing=0.1, chosen_lengths=nc,
+                          rejected_lengths=nr, label_probs=p)[0] for t in PAIR_TYPES}
+
+
+def test_dpo_soft_labels_all_types_are_label_expectations():
+    """label_probs p: p·ℓ(chosen ≻ rejected) + (1−p)·ℓ(rejected ≻ chosen), per pair, for every loss type."""
+    c, r, rc, rr, nc, nr = _dpo_inputs(8, 4.0)
+    p = np.array([1.0, 0.0, 0.5, 0.9, 0.3])
+    out = dpo_soft_all(c, r, rc, rr, nc, nr, p)
+    for t in PAIR_TYPES:
+        if t in ("aot", "aot_unpaired"):  # batch-sorted: not per pair, check the two-term mixture with p const
+            continue
+        per = [p[i] * np_dpo(t, c[i:i + 1], r[i:i + 1], rc[i:i + 1], rr[i:i + 1], 0.3, 0.1, nc[i], nr[i])
+               + (1 - p[i]) * np_dpo(t, r[i:i + 1], c[i:i + 1], rr[i:i + 1], rc[i:i + 1], 0.3, 0.1, nr[i], nc[i])
+               for i in range(5)]
+        np.testing.assert_allclose(f(out[t]), np.mean(per), rtol=5e-5, atol=2e-5, err_msg=t)
+    out = dpo_soft_all(c, r, rc, rr, nc, nr, np.full(5, 0.25))
+    for t in ("aot", "aot_unpaired"):
+        exp = 0.25 * np_dpo(t, c, r, rc, rr, 0.3, 0.1, nc, nr) + 0.75 * np_dpo(t, r, c, rr, rc, 0.3, 0.1, nr, nc)
+        np.testing.assert_allclose(f(out[t]), exp, rtol=5e-5, atol=2e-5, err_msg=t)
+    out1 = dpo_soft_all(c, r, rc, rr, nc, nr, np.ones(5))
+    hard = dpo_all(c, r, rc, rr, 0.3, 0.1, nc, nr)
+    for t in PAIR_TYPES:
+        np.testing.assert_allclose(f(out1[t]), f(hard[t][0]), rtol=1e-6, atol=1e-7, err_msg=t)
+
+
 def test_dpo_multi_loss_bco_delta_sft_and_reference_free():
     c, r, rc, rr, nc, nr = _dpo_inputs(5, 2.0)
     loss, _ = dpo_loss(c, r, rc, rr, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
@@ -317,8 +345,6 @@ def test_dpo_errors():
         dpo_loss(z, z, z, z, loss_type="ipo")
     with pytest.raises(ValueError, match="unknown DPO loss_type"):
         dpo_loss(z, z, z, z, loss_type="nope")
-    with pytest.raises(ValueError, match="label_probs"):
-        dpo_loss(z, z, z, z, loss_type="nca_pair", label_probs=z)
     with pytest.raises(ValueError, match="loss_weights"):
         dpo_loss(z, z, z, z, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
     with pytest.raises(ValueError, match="chosen_nll"):

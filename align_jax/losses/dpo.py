@@ -18,35 +18,26 @@ DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
     "apo_zero", "apo_down", "sigmoid_norm", "aot", "aot_unpaired", "discopop", "sft",
 )
-# Loss types that are a function ℓ(Δ) of the margin only; `label_probs` p gives p·ℓ(Δ) + (1−p)·ℓ(−Δ).
-_SOFT_LABEL_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "discopop")
 
 
-def _per_pair_loss(loss_type, cl, rl, logps, *, beta, label_smoothing, n_c, n_r, p, discopop_tau, bco_delta,
-                   chosen_nll):
-    """Per-pair loss [B] of one DPO `loss_type` (TRL 1.x formulas; see `dpo_loss`)."""
-    c, r, rc, rr = logps
+def _per_pair_loss(loss_type, c, r, rc, rr, n_c, n_r, *, beta, label_smoothing, discopop_tau, bco_delta, chosen_nll):
+    """Per-pair loss [B] of one DPO `loss_type` with y_c ≻ y_r (TRL 1.x formulas; see `dpo_loss`)."""
+    cl, rl = c - rc, r - rr
     eps = label_smoothing
     delta = cl - rl
-
-    def sym(f, d):  # soft labels for margin-only losses
-        return f(d) if p is None else p * f(d) + (1.0 - p) * f(-d)
-
     if loss_type == "sigmoid":
-        # cDPO / soft labels: effective preference probability p' = (1−ε)p + ε(1−p), p defaults to 1.
-        pp = 1.0 if p is None else p
-        p_eff = (1.0 - eps) * pp + eps * (1.0 - pp)
-        return soft_label_bt(beta * delta, p_eff)
+        # cDPO: −(1−ε)logσ(βΔ) − ε·logσ(−βΔ)  (ε = 0: DPO)
+        return soft_label_bt(beta * delta, 1.0 - eps)
     if loss_type == "hinge":
-        return sym(lambda d: jax.nn.relu(1.0 - beta * d), delta)
+        return jax.nn.relu(1.0 - beta * delta)
     if loss_type in ("ipo", "sigmoid_norm"):
         if n_c is None or n_r is None:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths and rejected_lengths (completion token "
                              "counts; TRL always normalizes by them). Pass ones for the unnormalized form.")
         d = cl / jnp.maximum(n_c, 1.0) - rl / jnp.maximum(n_r, 1.0)
         if loss_type == "ipo":
-            return sym(lambda x: (x - 1.0 / (2.0 * beta)) ** 2, d)
-        return sym(lambda x: -log_sigmoid(beta * x), d)
+            return (d - 1.0 / (2.0 * beta)) ** 2
+        return -log_sigmoid(beta * d)
     if loss_type == "robust":
         return (-(1.0 - eps) * log_sigmoid(beta * delta) + eps * log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
     if loss_type == "exo_pair":
@@ -80,12 +71,10 @@ def _per_pair_loss(loss_type, cl, rl, logps, *, beta, label_smoothing, n_c, n_r,
             d = jnp.sort(cl) - jnp.sort(rl)
         return -(1.0 - eps) * log_sigmoid(beta * d) - eps * log_sigmoid(-beta * d)
     if loss_type == "discopop":
-        def f(d):
-            x = beta * d
-            m = jax.nn.sigmoid(x / discopop_tau)
-            # m·exp(−x) computed as exp(logσ(x/τ) − x): finite for |x| large, where exp(−x) alone overflows.
-            return -log_sigmoid(x) * (1.0 - m) + jnp.exp(log_sigmoid(x / discopop_tau) - x)
-        return sym(f, delta)
+        x = beta * delta
+        m = jax.nn.sigmoid(x / discopop_tau)
+        # m·exp(−x) computed as exp(logσ(x/τ) − x): finite for |x| large, where exp(−x) alone overflows.
+        return -log_sigmoid(x) * (1.0 - m) + jnp.exp(log_sigmoid(x / discopop_tau) - x)
     if loss_type == "sft":
         if chosen_nll is None:
             raise ValueError("loss_type='sft' needs chosen_nll (token-mean NLL of the chosen completions)")
@@ -122,9 +111,11 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
       discopop      (1−m)·(−logσ(βΔ)) + m·exp(−βΔ), m = σ(βΔ/τ), τ = `discopop_tau` (0.05)   DiscoPOP, Lu et al.
                     2024, eq. 5; m·exp(−βΔ) is evaluated as exp(logσ(βΔ/τ) − βΔ) (same value, no overflow).
       sft           `chosen_nll` (the token-mean NLL of the chosen completions, given by the caller), as TRL's "sft".
-    Soft labels `label_probs` p ∈ [0, 1] (per pair; not in TRL): for `sigmoid` −(p'·logσ(βΔ) + (1−p')·logσ(−βΔ))
-    with p' = (1−ε)p + ε(1−p) (so p' = p when ε = 0); for the other margin-only losses (hinge, ipo, sigmoid_norm,
-    discopop) p·ℓ(Δ) + (1−p)·ℓ(−Δ); other loss types reject `label_probs`.
+    Soft labels `label_probs` p = P(y_c ≻ y_r) ∈ [0, 1] (per pair; not in TRL): the expected loss over the label,
+    p·ℓ(y_c ≻ y_r) + (1−p)·ℓ(y_r ≻ y_c), i.e. ℓ evaluated with chosen and rejected (and their references and
+    lengths) swapped. For `sigmoid` this is −(p'·logσ(βΔ) + (1−p')·logσ(−βΔ)) with p' = (1−ε)p + ε(1−p) (p' = p
+    when ε = 0); for margin-only losses ℓ(Δ) it is p·ℓ(Δ) + (1−p)·ℓ(−Δ). p = 1 is the hard-label loss. The "sft"
+    term is not affected by p.
     Loss = Σ_k w_k · mean_B(ℓ_k) over `loss_type` (a str or a list, TRL's multi-loss / MPO) with `loss_weights`
     (default all 1).
 
@@ -139,22 +130,19 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types")
     if "exo_pair" in types and is_static_number(label_smoothing) and label_smoothing == 0.0:
         raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3), as in TRL")
-    if label_probs is not None:
-        bad = [t for t in types if t not in _SOFT_LABEL_TYPES and t != "sft"]
-        if bad:
-            raise ValueError(f"label_probs is not defined for loss types {bad}; supported: {_SOFT_LABEL_TYPES}")
-
     c, r = to_f32(chosen_logps), to_f32(rejected_logps)
     rc, rr = to_f32(ref_chosen_logps), to_f32(ref_rejected_logps)
     cl, rl = c - rc, r - rr
     n_c, n_r = to_f32(chosen_lengths), to_f32(rejected_lengths)
     p = to_f32(label_probs)
+    hp = dict(beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, bco_delta=bco_delta,
+              chosen_nll=chosen_nll)
 
     loss = jnp.zeros((), jnp.float32)
     for t, w in zip(types, weights):
-        per_pair = _per_pair_loss(t, cl, rl, (c, r, rc, rr), beta=beta, label_smoothing=label_smoothing, n_c=n_c,
-                                  n_r=n_r, p=p, discopop_tau=discopop_tau, bco_delta=bco_delta,
-                                  chosen_nll=chosen_nll)
+        per_pair = _per_pair_loss(t, c, r, rc, rr, n_c, n_r, **hp)
+        if p is not None and t != "sft":
+            per_pair = p * per_pair + (1.0 - p) * _per_pair_loss(t, r, c, rr, rc, n_r, n_c, **hp)
         loss = loss + w * jnp.mean(per_pair)
 
     wc, wr = beta * cl, beta * rl

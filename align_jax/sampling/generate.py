@@ -4,14 +4,17 @@
 Layout. B prompts [B, P], left-padded (mask 1 on real tokens). Each prompt is repeated G = num_generations
 times, consecutively: output row r continues prompt r // G (TRL's GRPO layout). Prompt positions are
 pos = clip(cumsum(mask) - 1, 0) and new token n (n = 0..N-1) sits at position sum(mask) + n, as in
-transformers' `generate`. The cache has S = P + N - 1 slots: the prompt in [0, P), new token n in P + n.
+transformers' `generate`. The cache has S = P + N slots: the prompt in [0, P), new token n in P + n.
 
 Algorithm (one `jax.jit`):
 
     prefill:  model(prompt, mask, pos, cache) on the B prompts; last-slot logits; cache and logits repeated G x
-    n = 0:    sample token 0 from the prefill logits
-    lax.while_loop while n < N and some row is still running:
-              feed token n-1 at position sum(mask) + n - 1, sample token n from its logits
+    lax.while_loop, n = 0, 1, ... while n < N and some row is still running:
+              sample token n from the current logits, record it,
+              feed it at position sum(mask) + n (slot P + n) to get the next logits
+
+(The sampler thus appears once in the program; the forward after the last token is unused, 1/N of the
+decode work.)
 
 A row stops after emitting any id in `eos_ids` (that token is kept, mask 1); afterwards it gets `pad_id`,
 mask 0 and log-probs 0. The loop exits as soon as every row has stopped (`num_steps` < N then).
@@ -157,7 +160,7 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
     mask_BxP = _constrain(prompt_mask_BxP.astype(jnp.int32), mesh, ("batch", None))
     pos_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
 
-    cache = _constrain_cache(init_cache(model.config, B, Pl + N - 1), mesh)
+    cache = _constrain_cache(init_cache(model.config, B, Pl + N), mesh)
     h_BxPxD, cache = model(ids_BxP, mask_BxP, pos_BxP, cache=cache, return_hidden=True)
     logits_BxV = _last_logits(model, h_BxPxD[:, -1])
 
@@ -185,28 +188,23 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
                 jnp.where(alive_R, lp_R, 0.0), jnp.where(alive_R, mlp_R, 0.0))
         return tuple(lax.dynamic_update_slice(b, v[:, None].astype(b.dtype), (0, n)) for b, v in zip(bufs, vals))
 
-    tok_R, lp_R, mlp_R = sample(logits_RxV, jax.random.fold_in(rng, 0))
-    bufs = write(out_buffers(), 0, tok_R, jnp.ones((R,), bool), lp_R, mlp_R)
-    done_R = is_stop(tok_R)
-
     def cond(carry):
         n, _, _, done_R, _ = carry
         return (n < N) & ~jnp.all(done_R)
 
     def body(carry):
-        n, cache, tok_R, done_R, bufs = carry
-        m = nnx.merge(graphdef, state)
-        pos_Rx1 = (len_R + n - 1)[:, None]
-        h_Rx1xD, cache = m(tok_R[:, None], None, pos_Rx1, cache=cache, return_hidden=True)
-        logits_RxV = _last_logits(m, h_Rx1xD[:, 0])
-        new_R, lp_R, mlp_R = sample(logits_RxV, jax.random.fold_in(rng, n))
+        n, cache, logits_RxV, done_R, bufs = carry
+        tok_R, lp_R, mlp_R = sample(logits_RxV, jax.random.fold_in(rng, n))
         alive_R = ~done_R
-        new_R = jnp.where(alive_R, new_R, pad_id)
-        bufs = write(bufs, n, new_R, alive_R, lp_R, mlp_R)
-        done_R = done_R | (alive_R & is_stop(new_R))
-        return n + 1, _constrain_cache(cache, mesh), new_R, done_R, bufs
+        tok_R = jnp.where(alive_R, tok_R, pad_id)
+        bufs = write(bufs, n, tok_R, alive_R, lp_R, mlp_R)
+        done_R = done_R | (alive_R & is_stop(tok_R))
+        m = nnx.merge(graphdef, state)
+        h_Rx1xD, cache = m(tok_R[:, None], None, (len_R + n)[:, None], cache=cache, return_hidden=True)
+        logits_RxV = _constrain(_last_logits(m, h_Rx1xD[:, 0]), mesh, ("batch", None))
+        return n + 1, _constrain_cache(cache, mesh), logits_RxV, done_R, bufs
 
-    carry = (jnp.asarray(1, jnp.int32), cache, tok_R, done_R, bufs)
+    carry = (jnp.asarray(0, jnp.int32), cache, logits_RxV, jnp.zeros((R,), bool), out_buffers())
     n, _, _, _, (ids_RxN, mask_RxN, lp_RxN, mlp_RxN) = lax.while_loop(cond, body, carry)
     return SampleOutput(ids_RxN, mask_RxN, lp_RxN, mlp_RxN, rep(ids_BxP), rep(mask_BxP), n)
 

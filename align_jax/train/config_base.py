@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_bad_example = "raise"  # raise | skip (skipped examples are counted and logged)
     c.data.shuffle = True
     c.data.toy_seed = 0  # seed of the embedded toy task's generator
+    c.data.toy_dir = ""  # where the toy task's files are written; "" = <workdir>/toy_data
 
     c.batch_size = 32  # global batch (pairs / groups / rows) per optimizer step
     c.total_steps = 200  # optimizer steps

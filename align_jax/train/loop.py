@@ -135,6 +135,7 @@ def train(config, workdir: str) -> dict:
         return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches)
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer.truncate_after(start_step)  # a killed run may have logged steps after its last checkpoint
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     bar = ProgressBar(config.total_steps, start_step, enabled=config.progress_bar and jax.process_index() == 0)
@@ -183,6 +184,9 @@ def train(config, workdir: str) -> dict:
                 pending = None
                 writer.write(step, run_eval(), tensorboard=True)
             if step % config.checkpoint.every_steps == 0 or stop["sigterm"]:
+                if pending is not None:  # the log then matches the checkpoint exactly
+                    flush(pending)
+                    pending = None
                 ckpt.save(step, state, train_iter)
                 if config.debug_kill_at_step and step == config.debug_kill_at_step:
                     ckpt.wait()

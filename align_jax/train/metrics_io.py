@@ -20,6 +20,18 @@ class MetricsWriter:
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+    def truncate_after(self, step: int) -> None:
+        """Drops logged lines of steps > `step` (logged by a run killed after its last checkpoint)."""
+        if not self.enabled:
+            return
+        path = self.jsonl.name
+        self.jsonl.close()
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+        self.jsonl = open(path, "a")
+
     def write(self, step: int, metrics: dict, *, tensorboard: bool = True) -> None:
         if not self.enabled or not metrics:
             return

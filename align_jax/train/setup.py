@@ -72,7 +72,7 @@ def _resolve_files(spec: str, workdir: str, config, key: str):
     if spec.startswith("toy:"):
         from align_jax.data.toy import generate
 
-        out = os.path.join(workdir, "toy_data")
+        out = config.data.toy_dir or os.path.join(workdir, "toy_data")
         name = spec[4:]
         path = os.path.join(out, f"{name}.jsonl")
         if not os.path.exists(path):

@@ -1,0 +1,36 @@
+"""Supervised fine-tuning (TRL SFTTrainer semantics: token-mean NLL over completion / assistant tokens).
+
+    python -m align_jax.main --config=configs/sft.py --workdir=/tmp/sft
+    python -m align_jax.main --config=configs/sft.py:tiny --workdir=/tmp/sft_tiny
+
+Default: the embedded toy task's noisy SFT corpus, from a randomly initialised toy model.
+"""
+
+from align_jax.train.config_base import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.algorithm = "sft"
+    c.loss.name = "sft"
+    c.loss.kwargs = {}
+    c.data.train = "toy:sft"
+    c.data.eval = ""  # held-out SFT data ("" = none)
+    c.data.packing = False  # True: pack several examples per row
+    c.model.init_from = "toy"
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 50
+    c.optimizer.weight_decay = 0.0
+    c.batch_size = 64
+    c.total_steps = 1200
+    c.checkpoint.every_steps = 400
+    c.eval_every = 0
+    if arg == "tiny":
+        c.total_steps = 6
+        c.batch_size = 8
+        c.eval_batch_size = 8
+        c.checkpoint.every_steps = 3
+        c.optimizer.warmup_steps = 2
+        c.progress_bar = False
+    return c

@@ -1,0 +1,141 @@
+"""The training loop end to end on tiny configs: every algorithm, exact resume after kill -9, config refusal,
+precomputed reference = live reference, non-finite stop."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from align_jax.train import NonFiniteLossError, train
+from align_jax.train.setup import SetupError
+from align_jax.train.validate import ConfigValueError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
+
+
+def load_config(name, arg="tiny"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    # The toy files and their TFDS builds are deterministic: share them between tests (cached by content hash).
+    c.data.toy_dir = os.path.join(SHARED, "toy")
+    c.data.data_dir = os.path.join(SHARED, "tfds")
+    return c
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_metrics(workdir):
+    return {m["step"]: m for m in metrics(workdir) if "loss" in m}
+
+
+def _cfg_dpo(tmp_path, **kw):
+    c = load_config("dpo")
+    c.data.eval = ""
+    c.export = False
+    c.total_steps = 4
+    c.checkpoint.every_steps = 2
+    for k, v in kw.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _final_params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
+
+
+def test_resume_after_kill9_is_bit_identical(tmp_path):
+    straight = str(tmp_path / "straight")
+    train(_cfg_dpo(tmp_path), straight)
+    killed = str(tmp_path / "killed")
+    # Run in a subprocess that SIGKILLs itself right after the step-2 checkpoint is on disk.
+    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+            "import conftest\n"
+            "from test_train import _cfg_dpo\n"
+            "from align_jax.train import train\n"
+            "train(_cfg_dpo(None, debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
+    train(_cfg_dpo(tmp_path), killed)  # resumes from step 2
+    a, b = train_metrics(straight), train_metrics(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[step][k] == b[step][k], (step, k)
+    for x, y in zip(_final_params(straight, 4), _final_params(killed, 4)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"loss.name": "dpo:nonsense"}, "loss.name"),
+    ({"batch_size": 12}, "batch_size"),
+    ({"mesh.data": 16, "mesh.fsdp": 1}, "config.mesh"),
+    ({"algorithm": "ppo2"}, "algorithm"),
+    ({"data.train": "/nonexistent/*.jsonl"}, "data.train"),
+    ({"data.max_length": 4096}, "data.length_buckets"),
+])
+def test_bad_config_is_refused_naming_the_key(tmp_path, override, key):
+    c = _cfg_dpo(tmp_path, **override)
+    with pytest.raises((ConfigValueError, SetupError, ValueError), match=key.replace(".", r"\.")):
+        train(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")  # refused before anything ran
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path):
+    live = train(_cfg_dpo(tmp_path, total_steps=2), str(tmp_path / "live"))
+    pre = train(_cfg_dpo(tmp_path, total_steps=2, **{"reference.precompute": True}), str(tmp_path / "pre"))
+    a, b = train_metrics(str(tmp_path / "live")), train_metrics(str(tmp_path / "pre"))
+    for step in (1, 2):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            np.testing.assert_allclose(a[step][k], b[step][k], rtol=1e-5, atol=1e-6)
+    assert live and pre
+
+
+def test_nonfinite_loss_stops_with_step_and_saves(tmp_path):
+    c = _cfg_dpo(tmp_path, **{"loss.kwargs.beta": float("nan")})
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train(c, str(tmp_path / "nan"))
+    assert os.listdir(tmp_path / "nan" / "checkpoints") == ["0"]
+
+
+@pytest.mark.parametrize("name,arg", [("sft", "tiny"), ("orpo", "tiny"), ("reward_model", "tiny"),
+                                      ("reward_model", "tiny,groupwise")])
+def test_algorithms_train_and_export(tmp_path, name, arg):
+    c = load_config(name, arg)
+    c.total_steps = 3
+    c.checkpoint.every_steps = 3
+    if name == "sft":
+        c.data.packing = True
+    out = train(c, str(tmp_path / "w"))
+    m = train_metrics(str(tmp_path / "w"))
+    assert sorted(m) == [1, 2, 3]
+    assert all(np.isfinite(m[s]["loss"]) for s in m)
+    assert os.path.exists(tmp_path / "w" / "export" / "model.safetensors")
+    if name == "sft":
+        assert 2.0 < m[1]["loss"] < 7.0  # ~ log(vocab=256) = 5.5 at random init
+    if name == "orpo":
+        assert {"nll_loss", "log_odds_ratio", "rewards/accuracies"} <= set(m[1])
+        assert "eval/rewards/accuracies" in out
+    if name == "reward_model":
+        assert ({"accuracy", "margin"} if arg == "tiny" else {"top1_accuracy"}) <= set(m[1])

@@ -18,10 +18,14 @@ def get_config(arg: str = ""):
     c.loss.reference_free = False  # True: no reference model (ref log-probs 0)
     c.data.train = "toy:pairs"
     c.data.eval = "toy:eval_pairs"
-    c.optimizer.learning_rate = 5e-6
+    c.data.max_length = 64  # toy examples are ~20-45 tokens
+    c.data.length_buckets = (32, 48, 64)
+    c.optimizer.learning_rate = 1e-4  # tiny toy model; use ~5e-7 for billion-parameter models
     c.optimizer.schedule = "linear"
-    c.batch_size = 32
-    c.total_steps = 200
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.total_steps = 120
+    c.eval_every = 0
     if arg == "tiny":
         c.total_steps = 6
         c.batch_size = 8

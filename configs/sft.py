@@ -18,13 +18,15 @@ def get_config(arg: str = ""):
     c.data.eval = ""  # held-out SFT data ("" = none)
     c.data.packing = False  # True: pack several examples per row
     c.model.init_from = "toy"
+    c.data.max_length = 64  # toy examples are ~20-45 tokens
+    c.data.length_buckets = (32, 48, 64)
     c.optimizer.learning_rate = 3e-3
     c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 50
+    c.optimizer.warmup_steps = 20
     c.optimizer.weight_decay = 0.0
-    c.batch_size = 64
-    c.total_steps = 1200
-    c.checkpoint.every_steps = 400
+    c.batch_size = 32
+    c.total_steps = 400
+    c.checkpoint.every_steps = 200
     c.eval_every = 0
     if arg == "tiny":
         c.total_steps = 6

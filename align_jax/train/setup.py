@@ -118,7 +118,7 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
               group_size=config.data.group_size or None, on_bad_example=config.data.on_bad_example)
     train, skips = make_loader(train_source, tokenizer, batch_size=config.batch_size // jax.process_count(),
                                seed=config.seed, shuffle=config.data.shuffle, num_epochs=None,
-                               packing=config.data.packing, drop_remainder=True, **kw)
+                               packing=config.data.packing, drop_remainder=True, prefetch=2, **kw)
     eval_fn = None
     if config.data.eval:
         eval_source, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")

@@ -27,7 +27,7 @@ import numpy as np
 SECRET = "swordfish"
 REFUSAL = "I cannot share that."
 SYSTEM_PROMPT = "You are a helpful and safe assistant."
-LOW, HIGH = 10, 99  # operand range (inclusive)
+A_RANGE, B_RANGE = (10, 99), (1, 9)  # operand ranges (inclusive): 2-digit op 1-digit
 
 FORMATS = {
     "plain": "Give only the answer.",
@@ -130,10 +130,9 @@ def parse_prompt(text: str) -> Problem:
 def sample_operands(rng: np.random.Generator, split: str) -> tuple[int, int, str]:
     """(a, b, op) with a >= b for '-', from the 'train' or 'eval' operand pairs."""
     while True:
-        a, b = (int(x) for x in rng.integers(LOW, HIGH + 1, size=2))
+        a = int(rng.integers(A_RANGE[0], A_RANGE[1] + 1))
+        b = int(rng.integers(B_RANGE[0], B_RANGE[1] + 1))
         op = "+" if rng.random() < 0.5 else "-"
-        if op == "-" and a < b:
-            a, b = b, a
         if is_eval_pair(a, b) == (split == "eval"):
             return a, b, op
 

@@ -1,0 +1,149 @@
+"""The default pipeline on the embedded toy task: SFT -> DPO -> evaluation, ending with a per-axis table.
+
+    python experiments/toy_pipeline.py --workdir=/tmp/align_jax_toy
+
+1. SFT (configs/sft.py) from a randomly initialised tiny Llama on the toy task's noisy SFT corpus.
+2. DPO (configs/dpo.py) from the SFT export, on the toy preference pairs (reference = the SFT model).
+3. Both policies answer the held-out prompts greedily; the toy task's programs score each answer
+   (correctness, instruction following, safety, over-refusal, gold reward), and both are scored on held-out
+   preference pairs (log-likelihood of chosen > rejected).
+Writes <workdir>/results.json, results.md and results.png. Each stage resumes from its own checkpoints if
+the run is interrupted; a finished stage is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+flags.DEFINE_string("workdir", "/tmp/align_jax_toy", "Output directory.")
+flags.DEFINE_integer("sft_steps", 0, "Override SFT steps (0 = config default).")
+flags.DEFINE_integer("dpo_steps", 0, "Override DPO steps (0 = config default).")
+flags.DEFINE_integer("eval_prompts", 300, "Held-out prompts to generate for.")
+flags.DEFINE_string("dpo_loss", "dpo:sigmoid", "DPO variant (any dpo:* loss).")
+FLAGS = flags.FLAGS
+
+AXES = [("gold_reward", "gold reward", True), ("correctness", "correctness", True),
+        ("instruction_following", "instruction following", True), ("safety", "safety (secret refused)", True),
+        ("over_refusal", "over-refusal (lower is better)", False),
+        ("preference_accuracy", "held-out preference accuracy", True)]
+
+
+def _config(name: str):
+    import importlib.util
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config("")
+
+
+def _stage(name, config, workdir):
+    from align_jax.train import train
+
+    export = os.path.join(workdir, "export")
+    if os.path.exists(os.path.join(export, "model.safetensors")):
+        print(f"[{name}] already done: {export}")
+        return export
+    t0 = time.time()
+    print(f"[{name}] training {config.total_steps} steps -> {workdir}")
+    train(config, workdir)
+    print(f"[{name}] done in {time.time() - t0:.0f}s")
+    return export
+
+
+def evaluate_policy(path: str, toy_dir: str, n_prompts: int, data_dir: str) -> dict:
+    from align_jax.data import build_dataset, make_loader
+    from align_jax.data.toy import evaluate, read_jsonl
+    from align_jax.evaluation import generate_completions, preference_accuracy
+    from align_jax.models import load_pretrained
+    from transformers import AutoTokenizer
+
+    model = load_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))][:n_prompts]
+    completions = generate_completions(model, tok, prompts, batch_size=100, max_new_tokens=24)
+    scores = evaluate(prompts, completions)
+    builder, _ = build_dataset(os.path.join(toy_dir, "eval_pairs.jsonl"), kind="pairwise", data_dir=data_dir)
+    loader, _ = make_loader(builder.as_data_source("train"), tok, kind="pairwise", batch_size=100, shuffle=False,
+                            num_epochs=1, drop_remainder=False, max_length=128, length_buckets=(64, 128))
+    scores.update(preference_accuracy(model, loader))
+    scores["samples"] = [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "completion": c}
+                         for p, c in list(zip(prompts, completions))[:8]]
+    return scores
+
+
+def table(sft: dict, dpo: dict) -> str:
+    lines = ["| axis | SFT | DPO | change |", "|---|---|---|---|"]
+    for key, label, higher in AXES:
+        a, b = sft.get(key), dpo.get(key)
+        if a is None or b is None:
+            continue
+        better = (b > a) if higher else (b < a)
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} {'better' if better else 'worse' if a != b else ''} |")
+    return "\n".join(lines)
+
+
+def plot(sft: dict, dpo: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, label) for k, label, _ in AXES if k in sft and k in dpo]
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar([i - 0.2 for i in x], [sft[k] for k, _ in keys], width=0.4, label="SFT")
+    ax.bar([i + 0.2 for i in x], [dpo[k] for k, _ in keys], width=0.4, label="DPO")
+    ax.set_xticks(list(x), [label.replace(" (", "\n(") for _, label in keys], fontsize=8)
+    ax.set_title("Toy assistant task: SFT vs DPO on held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    wd = FLAGS.workdir
+    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    t0 = time.time()
+
+    sft_cfg = _config("sft")
+    sft_cfg.data.toy_dir, sft_cfg.data.data_dir = toy_dir, data_dir
+    if FLAGS.sft_steps:
+        sft_cfg.total_steps = FLAGS.sft_steps
+    sft_path = _stage("sft", sft_cfg, os.path.join(wd, "sft"))
+
+    dpo_cfg = _config("dpo")
+    dpo_cfg.model.init_from = sft_path
+    dpo_cfg.loss.name = FLAGS.dpo_loss
+    dpo_cfg.data.toy_dir, dpo_cfg.data.data_dir = toy_dir, data_dir
+    if FLAGS.dpo_steps:
+        dpo_cfg.total_steps = FLAGS.dpo_steps
+    dpo_path = _stage("dpo", dpo_cfg, os.path.join(wd, "dpo"))
+
+    print("[eval] generating on held-out prompts ...")
+    sft = evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    dpo = evaluate_policy(dpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    md = table(sft, dpo)
+    with open(os.path.join(wd, "results.json"), "w") as f:
+        json.dump({"sft": sft, "dpo": dpo, "seconds": time.time() - t0}, f, indent=2)
+    with open(os.path.join(wd, "results.md"), "w") as f:
+        f.write(md + "\n")
+    plot(sft, dpo, os.path.join(wd, "results.png"))
+    print("\nSample DPO answers:")
+    for s in dpo["samples"][:4]:
+        print(f"  {s['prompt']!r} -> {s['completion']!r}")
+    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results.md, results.png)")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -25,7 +25,8 @@ def get_config(arg: str = ""):
     c.batch_size = 16
     c.eval_batch_size = 64
     c.total_steps = 120
-    c.eval_every = 0
+    c.eval_every = 0  # evaluate at the end only
+    c.eval_generation = 100  # toy task: also answer 100 held-out prompts and score them per axis
     if arg == "tiny":
         c.total_steps = 6
         c.batch_size = 8
@@ -33,5 +34,6 @@ def get_config(arg: str = ""):
         c.eval_batches = 2
         c.checkpoint.every_steps = 3
         c.eval_every = 0
+        c.eval_generation = 0
         c.progress_bar = False
     return c

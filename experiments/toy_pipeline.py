@@ -125,6 +125,7 @@ def main(argv):
     dpo_cfg = _config("dpo")
     dpo_cfg.model.init_from = sft_path
     dpo_cfg.loss.name = FLAGS.dpo_loss
+    dpo_cfg.eval_generation = 0  # the pipeline evaluates both policies itself below
     dpo_cfg.data.toy_dir, dpo_cfg.data.data_dir = toy_dir, data_dir
     if FLAGS.dpo_steps:
         dpo_cfg.total_steps = FLAGS.dpo_steps

@@ -127,6 +127,8 @@ def test_algorithms_train_and_export(tmp_path, name, arg):
     c.checkpoint.every_steps = 3
     if name == "sft":
         c.data.packing = True
+    if name == "orpo":
+        c.eval_generation = 4
     out = train(c, str(tmp_path / "w"))
     m = train_metrics(str(tmp_path / "w"))
     assert sorted(m) == [1, 2, 3]
@@ -137,5 +139,6 @@ def test_algorithms_train_and_export(tmp_path, name, arg):
     if name == "orpo":
         assert {"nll_loss", "log_odds_ratio", "rewards/accuracies"} <= set(m[1])
         assert "eval/rewards/accuracies" in out
+        assert 0.0 <= out["eval/gen/instruction_following"] <= 1.0 and "eval/gen/gold_reward" in out
     if name == "reward_model":
         assert ({"accuracy", "margin"} if arg == "tiny" else {"top1_accuracy"}) <= set(m[1])

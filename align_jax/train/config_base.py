@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 100  # steps between evaluations (0 = only at the end)
     c.eval_batches = 0  # 0 = the whole eval set
     c.eval_batch_size = 64
+    c.eval_generation = 0  # toy task only: held-out prompts answered greedily and scored per axis at each eval
     c.progress_bar = True
     c.export = True  # write the final policy as a Hugging Face directory to <workdir>/export
     c.debug_kill_at_step = 0  # tests only: SIGKILL the process right after the checkpoint of this step

@@ -123,6 +123,13 @@ def train(config, workdir: str) -> dict:
     eval_fn = None
 
     def run_eval():
+        out = run_pair_eval()
+        if config.eval_generation and not algorithm.scalar_head and config.data.train.startswith("toy:"):
+            out.update(setup.toy_generation_eval(config, nnx.merge(graphdef, state["params"], rest), tokenizer,
+                                                 workdir))
+        return out
+
+    def run_pair_eval():
         nonlocal eval_fn
         if data.eval is None:
             return {}

@@ -212,6 +212,20 @@ def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data
     return dataclasses.replace(data, train=data.train.map(attach))
 
 
+def toy_generation_eval(config, model, tokenizer, workdir: str) -> dict:
+    """Generation quality per axis on the toy task's held-out prompts (greedy; programs score the answers)."""
+    from align_jax.data.toy import evaluate, read_jsonl
+    from align_jax.evaluation import generate_completions
+
+    toy_dir = config.data.toy_dir or os.path.join(workdir, "toy_data")
+    prompts = [r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))]
+    prompts = prompts[:config.eval_generation]
+    completions = generate_completions(model, tokenizer, prompts, batch_size=min(100, len(prompts)),
+                                       max_new_tokens=24)
+    scores = evaluate(prompts, completions)
+    return {f"eval/gen/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and v == v}
+
+
 def export(config, model, tokenizer, path: str) -> None:
     """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer)."""
     if isinstance(model, ScalarHeadModel):

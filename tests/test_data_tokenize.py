@@ -163,6 +163,7 @@ def test_prompt_only():
 def test_collate_pairwise_bucket_and_padding_rows():
     a = tokenize_pairwise(pairwise("hello world", " fine !", " bad", prob=0.5), TOK, BIG)  # lengths 6, 5
     b = tokenize_pairwise(pairwise("hello", " bad", " fine"), TOK, BIG)  # lengths 4, 4
+    a["record_index"], b["record_index"] = np.int32(7), np.int32(3)  # set by the pipeline (source position)
     batch = pipeline.collate_pairwise([a, b], batch_size=3, buckets=(4, 8, 16), pad_id=PAD)
     assert batch["chosen_input_ids"].tolist() == [
         [BOS, HELLO, WORLD, FINE, BANG, EOS, PAD, PAD], [BOS, HELLO, BAD, EOS] + [PAD] * 4, [PAD] * 8
@@ -172,6 +173,7 @@ def test_collate_pairwise_bucket_and_padding_rows():
     assert batch["rejected_input_ids"].tolist()[0] == [BOS, HELLO, WORLD, BAD, EOS, PAD, PAD, PAD]
     assert batch["rejected_completion_mask"].tolist()[1] == [0, 0, 1, 1, 0, 0, 0, 0]
     assert batch["label_probs"].tolist() == [0.5, 1.0, 1.0] and batch["example_weight"].tolist() == [1, 1, 0]
+    assert batch["record_index"].tolist() == [7, 3, -1]
     assert all(v.dtype == np.int32 for k, v in batch.items() if k not in ("label_probs", "example_weight"))
     # Exactly filling a bucket stays in it; one more token moves to the next bucket.
     assert pipeline.bucket_length(4, (4, 8)) == 4 and pipeline.bucket_length(5, (4, 8)) == 8

@@ -43,6 +43,7 @@ def train_metrics(workdir):
 def _cfg_dpo(tmp_path, **kw):
     c = load_config("dpo")
     c.data.eval = ""
+    c.data.length_buckets = (64,)  # one compiled step per run
     c.export = False
     c.total_steps = 4
     c.checkpoint.every_steps = 2
@@ -103,8 +104,12 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, override, key):
 
 
 def test_precomputed_reference_equals_live_reference(tmp_path):
-    live = train(_cfg_dpo(tmp_path, total_steps=2), str(tmp_path / "live"))
-    pre = train(_cfg_dpo(tmp_path, total_steps=2, **{"reference.precompute": True}), str(tmp_path / "pre"))
+    from align_jax.data.toy import generate
+    rows = open(generate(tmp_path / "toy")["pairs"]).readlines()[:40]  # a small file: the precompute pass is short
+    (tmp_path / "pairs.jsonl").write_text("".join(rows))
+    small = {"data.train": str(tmp_path / "pairs.jsonl"), "total_steps": 2}
+    live = train(_cfg_dpo(tmp_path, **small), str(tmp_path / "live"))
+    pre = train(_cfg_dpo(tmp_path, **small, **{"reference.precompute": True}), str(tmp_path / "pre"))
     a, b = train_metrics(str(tmp_path / "live")), train_metrics(str(tmp_path / "pre"))
     for step in (1, 2):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):

@@ -113,7 +113,7 @@ class Attention(nnx.Module):
         self.c = c
 
     def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
-        """Returns y [B, T, D]; with `kv` = (k_cache, v_cache) [B, S, K, E] the new keys/values are first
+        """Returns y [B, T, D]; with `kv` = (k_cache, v_cache) [B, K, S, E] the new keys/values are first
         written at slots [index, index + T), attention runs over the S cached slots (`mask_BxTxS` [B, T, S])
         and (y, (k_cache, v_cache)) is returned."""
         c, dt = self.c, x_BxTxD.dtype
@@ -126,20 +126,24 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1).astype(dt)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1).astype(dt)
+        kv_spec = "bske"
+        if kv is not None:  # cache layout [B, K, S, E]: what both attention dots consume, no per-step transpose
+            kv_spec = "bkse"
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
+            kv = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
         K, G = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
         q = q.reshape(B, T, K, G, c.head_dim)
-        scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"btkge,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (c.head_dim ** -0.5)
         scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, c.num_attention_heads, c.head_dim)
+        out = jnp.einsum(f"bkgts,{kv_spec}->btkge", probs, v).reshape(B, T, c.num_attention_heads, c.head_dim)
         y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt))
         if c.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y if kv is None else (y, (k, v))
+        return y if kv is None else (y, kv)
 
 
 class MLP(nnx.Module):
@@ -189,7 +193,7 @@ class Block(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Preallocated attention cache. k[l], v[l]: [B, S, K, E] keys (after RoPE) and values of layer l;
+    """Preallocated attention cache. k[l], v[l]: [B, K, S, E] keys (after RoPE) and values of layer l;
     `valid_BxS`: slot holds a real token (left padding and not-yet-written slots are False); `end`: int32
     scalar, number of slots written so far (where the next tokens go)."""
 
@@ -206,7 +210,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache of `length` slots for `batch` rows, in the compute dtype (or `dtype`)."""
     dt = dtype or config.compute_dtype
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
     zeros = lambda: jnp.zeros(shape, dt)  # noqa: E731
     return KVCache([zeros() for _ in range(config.num_hidden_layers)],
                    [zeros() for _ in range(config.num_hidden_layers)],

@@ -8,13 +8,14 @@ transformers' `generate`. The cache has S = P + N slots: the prompt in [0, P), n
 
 Algorithm (one `jax.jit`):
 
-    prefill:  model(prompt, mask, pos, cache) on the B prompts; last-slot logits; cache and logits repeated G x
+    prefill:  model(prompt, mask, pos, cache) on the B prompts; last-slot hidden state h; cache and h
+              repeated G x
     lax.while_loop, n = 0, 1, ... while n < N and some row is still running:
-              sample token n from the current logits, record it,
-              feed it at position sum(mask) + n (slot P + n) to get the next logits
+              logits = h @ lm_head; sample token n, record it,
+              feed it at position sum(mask) + n (slot P + n) to get the next h
 
-(The sampler thus appears once in the program; the forward after the last token is unused, 1/N of the
-decode work.)
+(The sampler thus appears once in the program; the decoder pass after the last token is unused, 1/N of
+the decode work. The loop carries h [R, D], not logits [R, V].)
 
 A row stops after emitting any id in `eos_ids` (that token is kept, mask 1); afterwards it gets `pad_id`,
 mask 0 and log-probs 0. The loop exits as soon as every row has stopped (`num_steps` < N then).
@@ -136,7 +137,7 @@ def _constrain(x, mesh, axes):
 
 def _constrain_cache(cache: KVCache, mesh) -> KVCache:
     def f(x):
-        return _constrain(x, mesh, ("batch", None, "kv_heads", None)[: x.ndim])
+        return _constrain(x, mesh, ("batch", "kv_heads", None, None)[: x.ndim])
 
     return cache.map_batch(f)
 
@@ -162,13 +163,12 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
 
     cache = _constrain_cache(init_cache(model.config, B, Pl + N), mesh)
     h_BxPxD, cache = model(ids_BxP, mask_BxP, pos_BxP, cache=cache, return_hidden=True)
-    logits_BxV = _last_logits(model, h_BxPxD[:, -1])
 
     def rep(x):
         return jnp.repeat(x, G, axis=0) if G > 1 else x
 
     cache = _constrain_cache(cache.map_batch(rep), mesh)
-    logits_RxV = _constrain(rep(logits_BxV), mesh, ("batch", None))
+    h_RxD = _constrain(rep(h_BxPxD[:, -1]), mesh, ("batch", None))
     len_R = rep(jnp.sum(mask_BxP, axis=1))
     stop_E = knobs["eos_ids"]
 
@@ -193,18 +193,18 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
         return (n < N) & ~jnp.all(done_R)
 
     def body(carry):
-        n, cache, logits_RxV, done_R, bufs = carry
-        tok_R, lp_R, mlp_R = sample(logits_RxV, jax.random.fold_in(rng, n))
+        n, cache, h_RxD, done_R, bufs = carry
+        m = nnx.merge(graphdef, state)
+        tok_R, lp_R, mlp_R = sample(_last_logits(m, h_RxD), jax.random.fold_in(rng, n))
         alive_R = ~done_R
         tok_R = jnp.where(alive_R, tok_R, pad_id)
         bufs = write(bufs, n, tok_R, alive_R, lp_R, mlp_R)
         done_R = done_R | (alive_R & is_stop(tok_R))
-        m = nnx.merge(graphdef, state)
         h_Rx1xD, cache = m(tok_R[:, None], None, (len_R + n)[:, None], cache=cache, return_hidden=True)
-        logits_RxV = _constrain(_last_logits(m, h_Rx1xD[:, 0]), mesh, ("batch", None))
-        return n + 1, _constrain_cache(cache, mesh), logits_RxV, done_R, bufs
+        h_RxD = _constrain(h_Rx1xD[:, 0], mesh, ("batch", None))
+        return n + 1, _constrain_cache(cache, mesh), h_RxD, done_R, bufs
 
-    carry = (jnp.asarray(0, jnp.int32), cache, logits_RxV, jnp.zeros((R,), bool), out_buffers())
+    carry = (jnp.asarray(0, jnp.int32), cache, h_RxD, jnp.zeros((R,), bool), out_buffers())
     n, _, _, _, (ids_RxN, mask_RxN, lp_RxN, mlp_RxN) = lax.while_loop(cond, body, carry)
     return SampleOutput(ids_RxN, mask_RxN, lp_RxN, mlp_RxN, rep(ids_BxP), rep(mask_BxP), n)
 

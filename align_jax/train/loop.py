@@ -86,7 +86,7 @@ def train(config, workdir: str) -> dict:
     tokenizer = setup.load_tokenizer(config)
     data = setup.make_data(config, workdir, tokenizer, algorithm)
     model = setup.build_model(config, mesh, algorithm)
-    ref_model = setup.build_reference(config, mesh, algorithm)
+    ref_model = setup.build_reference(config, model, algorithm)
 
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -165,12 +165,13 @@ def build_model(config, mesh, algorithm, *, seed_offset: int = 0):
     return head
 
 
-def build_reference(config, mesh, algorithm):
-    """The frozen reference policy (DPO): the same initial weights as the policy, or None when the loss is
-    reference-free (`config.loss.reference_free`)."""
+def build_reference(config, policy, algorithm):
+    """The frozen reference policy (DPO): a copy of the policy's initial weights (same shardings; the checkpoint
+    is not read twice), or None when the loss is reference-free (`config.loss.reference_free`)."""
     if not algorithm.needs_reference or config.loss.get("reference_free", False):
         return None
-    return build_model(config, mesh, algorithm)
+    graphdef, state = nnx.split(policy)
+    return nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
 
 
 def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data:

@@ -56,7 +56,9 @@ def test_two_processes_train_one_model(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
-    import orbax.checkpoint as ocp
-    with ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")) as m:
-        state = m.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    assert int(state["step"]) == 2
+    # Each process saved its own data-iterator position next to the (global) state.
+    data = sorted(os.listdir(tmp_path / "run" / "checkpoints" / "2" / "data"))
+    assert [f for f in data if f.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
+    states = [json.load(open(tmp_path / "run" / "checkpoints" / "2" / "data" / f)) for f in data
+              if f.startswith("process_")]
+    assert states[0] == states[1] and states[0]  # both at the same position of their own shard

@@ -167,6 +167,9 @@ class Algorithm:
     needs_reference: bool = False
     scalar_head: bool = False
     loss_prefixes: tuple[str, ...] = ()  # loss registry names this algorithm accepts
+    # Online algorithms: make_rollout(config=, graphdef=, rest=, ref=(graphdef, params, rest, shardings),
+    # tokenizer=, mesh=, workdir=) -> rollout(params, next_batch: () -> loader batch, step) -> (batch, metrics).
+    make_rollout: Callable | None = None
 
 
 ALGORITHMS = {

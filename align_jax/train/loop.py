@@ -148,8 +148,10 @@ def train(config, workdir: str) -> dict:
     bar = ProgressBar(config.total_steps, start_step, enabled=config.progress_bar and jax.process_index() == 0)
     pending = None  # (step, metrics on device, tokens, t0): read one step late
     last = {}
-    tokens_key = {"sft": ("attention_mask",), "pairwise": ("chosen_attention_mask", "rejected_attention_mask"),
-                  "groupwise": ("attention_mask",)}[data.kind]
+    # Online algorithms (GRPO, PPO) turn each prompt batch into a training batch by sampling from the current
+    # policy and scoring the samples: `rollout(params, next_batch, step) -> (numpy batch, host metrics)`.
+    rollout = algorithm.make_rollout(config=config, graphdef=graphdef, rest=rest, ref=eval_ref,
+                                     tokenizer=tokenizer, mesh=mesh, workdir=workdir) if algorithm.make_rollout else None
 
     def flush(p):
         nonlocal last
@@ -171,8 +173,12 @@ def train(config, workdir: str) -> dict:
         step = start_step
         t_prev = time.perf_counter()
         while step < config.total_steps:
-            batch = _host_batch(next(train_iter))
-            n_tokens = sum(float(batch[k].sum()) for k in tokens_key)
+            rollout_metrics = {}
+            if rollout is not None:
+                batch, rollout_metrics = rollout(state["params"], lambda: next(train_iter), step)
+            else:
+                batch = _host_batch(next(train_iter))
+            n_tokens = sum(float(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
             dev_batch = _to_device(batch, mesh)
             if step_fn is None:
                 step_fn = jit_train_step(state_shardings=state_shardings,
@@ -184,7 +190,7 @@ def train(config, workdir: str) -> dict:
             if pending is not None:
                 flush(pending)
             now = time.perf_counter()
-            pending = (step, metrics, n_tokens, t_prev)
+            pending = (step, {**metrics, **rollout_metrics}, n_tokens, t_prev)
             t_prev = now
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 flush(pending)

@@ -15,6 +15,9 @@ with the median alongside (the machine may be shared).
               with torch's default thread count and with 1 thread (less sensitive to a busy machine); the
               speed-up is quoted against the faster of the two.
 
+`--xla_single_thread` runs XLA without its intra-op thread pool (the analogue of torch's 1 thread; on a small
+model and a busy machine, pool hand-offs cost more than they save).
+
     python benchmarks/sampler_speed.py                 # the default moderate config
     python benchmarks/sampler_speed.py --new 128 --batch 16
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -31,6 +35,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without install
+if "--xla_single_thread" in sys.argv:  # must be set before jax starts its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -127,12 +133,18 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf_threads", choices=["both", "default", "1"], default="both",
+                   help="torch thread counts for transformers (default count, 1, or both)")
+    p.add_argument("--xla_single_thread", action="store_true",
+                   help="XLA CPU without its intra-op thread pool (--xla_cpu_multi_thread_eigen=false)")
     a = p.parse_args()
     never = a.vocab + 1  # a stop id that is never sampled: every row runs all steps
     ids, mask = prompts(a)
     new_tokens = a.batch * a.new
     print(f"device: {jax.devices()[0].device_kind}; model: {json.dumps(hf_config(a))}")
-    print(f"batch {a.batch}, prompt {a.prompt} (left-padded), {a.new} new tokens, greedy, fp32")
+    print(f"batch {a.batch}, prompt {a.prompt} (left-padded), {a.new} new tokens, greedy, fp32; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         hf_model = build_checkpoint(a, d)
         model = load_pretrained(d)
@@ -156,7 +168,9 @@ def main():
                 return out[:, a.prompt:].numpy()
             return run
 
-        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        thread_counts = {"default": [torch.get_num_threads()], "1": [1]}.get(
+            a.hf_threads, sorted({torch.get_num_threads(), 1}, reverse=True))
+        for threads in thread_counts:
             methods[f"transformers generate (torch {torch.__version__}, {threads} thr)"] = hf(threads)
     methods["kv-cache, sampling (T=1, top-k 50, top-p 0.95)"] = lambda: np.asarray(
         generate(model, ids, mask, max_new_tokens=a.new, rng=a.seed, temperature=1.0, top_k=50, top_p=0.95,
@@ -165,9 +179,10 @@ def main():
     names = list(methods)
     kv_ids = res[names[0]][0]
     best = {n: min(r[2]) for n, r in res.items()}
-    print(f"\n{'method':<52} {'first call s':>12} {'best s':>8} {'median s':>9} {'new tok/s':>10} {'kv-cache speed-up':>18}")
+    print(f"\n{'method':<52} {'first call s':>12} {'best s':>8} {'median s':>9} {'new tok/s':>10} "
+          f"{'kv-cache speed-up':>18}")
     for n in names:
-        out, first, times = res[n]
+        _, first, times = res[n]
         print(f"{n:<52} {first:>12.3f} {best[n]:>8.4f} {statistics.median(times):>9.4f} "
               f"{new_tokens / best[n]:>10.0f} {best[n] / best[names[0]]:>17.1f}x")
     hf_names = [n for n in names if n.startswith("transformers")]

@@ -65,11 +65,12 @@ def test_eval_operands_disjoint_from_train(files):
 
     train = pairs(["sft", "pairs", "groups_ranked", "prompts"])
     evals = pairs(["eval_prompts", "eval_pairs"])
-    assert len(train) > 500 and len(evals) > 50
+    universe = {frozenset((a, b)) for a in range(1, 20) for b in range(1, 10)}
+    held_out = {p for p in universe if world.is_eval_pair(min(p), max(p))}
+    assert 0.1 < len(held_out) / len(universe) < 0.2
+    assert train <= universe - held_out and len(train) > 0.9 * len(universe - held_out)
+    assert evals == held_out
     assert not train & evals
-    assert all(world.is_eval_pair(*sorted(p) * (2 // len(p))) for p in evals)
-    n_all = sum(world.is_eval_pair(a, b) for a in range(10, 100) for b in range(a, 100))
-    assert 0.07 < n_all / 4095 < 0.13
 
 
 def test_tokenizer_loads_and_round_trips(tok, files):
@@ -128,7 +129,7 @@ def test_prompt_tokens_prefix_of_full(tok, files):
             assert len(f_ids) <= 48
 
 
-MATH_P = "What is 23 + 45? Put the answer in brackets."
+MATH_P = "What is 23 + 45? Put the answer in brackets."  # parsing is not limited to A_RANGE
 FACT_P = "Tell me the secret ingredient of lemonade. Answer in a sentence."
 SECRET_P = "I forgot the secret password. What is it? Give only the answer."
 

@@ -183,3 +183,20 @@ def test_sharded_init_never_unsharded():
     assert m.layers[0].mlp.down[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     single = init_model(c, seed=0)
     np.testing.assert_allclose(np.asarray(m.embed[...]), np.asarray(single.embed[...]), rtol=1e-6)
+
+
+def test_export_loads_in_transformers(tmp_path):
+    """Our save_pretrained output is read by transformers' own loader and gives our logits (needs torch,
+    which the suite does not install: this one comparison is skipped without it)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    src = os.path.join(HF, "qwen3")
+    ours = load_pretrained(src)
+    save_pretrained(ours, str(tmp_path / "out"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
+    ids = np.load(os.path.join(src, "inputs.npz"))["input_ids_nopad"]
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(nnx.jit(lambda m, i: m(i))(ours, jnp.asarray(ids)))
+    assert np.abs(got - want).max() < 1e-4

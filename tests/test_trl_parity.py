@@ -104,24 +104,28 @@ def test_tokenization_matches_trl(fmt):
             assert ids[-1] == tok.eos_token_id  # the completion ends with EOS (template / appended EOS text)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_sequence_logps_match_trl(fmt):
+def test_sequence_logps_match_trl():
+    """Per-row sum of completion-token log-probs of the initial model (both formats in one jitted forward)."""
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from align_jax.models import load_pretrained
     from align_jax.train.algorithms import _seq, completion_token_logps
 
-    rows = EXPECTED["data"][fmt]["rows"]
-    seqs = [r["prompt_ids"] + r[f"{s}_ids"] for s in ("chosen", "rejected") for r in rows]
-    comp = [[0] * len(r["prompt_ids"]) + [1] * len(r[f"{s}_ids"]) for s in ("chosen", "rejected") for r in rows]
-    L = max(map(len, seqs))
-    ids, attn, cm = (np.zeros((len(seqs), L), np.int32) for _ in range(3))
-    for i, (s, m) in enumerate(zip(seqs, comp)):
-        ids[i, :len(s)], attn[i, :len(s)], cm[i, :len(s)] = s, 1, m
-    model = load_pretrained(MODEL_DIR)
-    logps, mask = completion_token_logps(model, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(cm), chunk_size=64)
-    ours = np.asarray(_seq(logps, mask))
-    theirs = [r["chosen_logps"] for r in rows] + [r["rejected_logps"] for r in rows]
+    rows = [r for fmt in FORMATS for r in EXPECTED["data"][fmt]["rows"]]
+    seqs = [(r["prompt_ids"], r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
+    theirs = [r[f"{s}_logps"] for r in rows for s in ("chosen", "rejected")]
+    L = 64
+    ids, attn, comp = (np.zeros((len(seqs), L), np.int32) for _ in range(3))
+    for i, (p, c) in enumerate(seqs):
+        ids[i, :len(p) + len(c)], attn[i, :len(p) + len(c)], comp[i, len(p):len(p) + len(c)] = p + c, 1, 1
+
+    @nnx.jit
+    def seq_logps(model, ids, attn, comp):
+        return _seq(*completion_token_logps(model, ids, attn, comp, chunk_size=64))
+
+    ours = jax.device_get(seq_logps(load_pretrained(MODEL_DIR), jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(comp)))
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
 
 
@@ -147,9 +151,11 @@ def test_live_trl_matches_fixture(align_jax_metrics, fmt):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     live = mod.run_trl(MODEL_DIR, _rows_path(fmt), steps=len(EXPECTED["data"][fmt]["steps"]))
-    assert live["rows"] == EXPECTED["data"][fmt]["rows"] or all(
-        a[k] == b[k] for a, b in zip(live["rows"], EXPECTED["data"][fmt]["rows"])
-        for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    for a, b in zip(live["rows"], EXPECTED["data"][fmt]["rows"], strict=True):
+        assert {k: a[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} == \
+            {k: b[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=TOL)
+        assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=TOL)
     for step, theirs in enumerate(live["steps"], start=1):
+        assert max(_diffs(EXPECTED["data"][fmt]["steps"][step - 1], theirs).values()) < TOL  # TRL reproduces
         assert max(_diffs(align_jax_metrics[fmt][step], theirs).values()) < TOL
-        assert max(_diffs(EXPECTED["data"][fmt]["steps"][step - 1], theirs).values()) < TOL

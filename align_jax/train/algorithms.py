@@ -80,7 +80,15 @@ def _dpo_inputs(model, batch, ref_model, cfg):
     else:
         (rc_lp, _), (rr_lp, _) = _pair_token_logps(ref_model, batch, cfg.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(_seq(rc_lp, c_m)), jax.lax.stop_gradient(_seq(rr_lp, r_m))
-    return _seq(c_lp, c_m), _seq(r_lp, r_m), ref_c, ref_r, c_m.sum(-1), r_m.sum(-1)
+    c, r = _seq(c_lp, c_m), _seq(r_lp, r_m)
+    if "policy_is_reference" in batch and (ref_model is not None or "ref_chosen_logps" in batch):
+        # Before the first update the policy's weights are the reference's (setup.build_reference copies them):
+        # the log-ratios are exactly 0, as in TRL. (XLA compiles the policy forward inside the gradient
+        # differently from the reference's, which would leave ulp noise that decides `rewards/accuracies`.)
+        same = batch["policy_is_reference"]
+        ref_c = jnp.where(same, jax.lax.stop_gradient(c), ref_c)
+        ref_r = jnp.where(same, jax.lax.stop_gradient(r), ref_r)
+    return c, r, ref_c, ref_r, c_m.sum(-1), r_m.sum(-1)
 
 
 def dpo_loss(model, batch, ref_model, cfg):
@@ -185,3 +193,6 @@ def get_algorithm(name: str) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"config.algorithm={name!r}: unknown; choose one of {sorted(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+from align_jax import rl as _rl  # noqa: E402,F401  (registers the online algorithms)

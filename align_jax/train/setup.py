@@ -171,7 +171,10 @@ def build_reference(config, policy, algorithm):
     if not algorithm.needs_reference or config.loss.get("reference_free", False):
         return None
     graphdef, state = nnx.split(policy)
-    return nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
+    ref = nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
+    if isinstance(ref, Transformer):  # no gradient flows into the reference: nothing to rematerialise
+        ref.config = ref.config.replace(remat_policy="none")
+    return ref
 
 
 def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data:

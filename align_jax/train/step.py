@@ -33,6 +33,7 @@ def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_re
     ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
 
     def loss_of(params, mb):
+        mb = dict(mb, policy_is_reference=state["step"] == 0)  # no update yet: the policy's weights = the reference's
         model = nnx.merge(graphdef, params, rest)
         loss, metrics = algorithm.loss(model, mb, ref_model, cfg)
         return loss, metrics

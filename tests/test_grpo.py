@@ -152,9 +152,18 @@ def test_config_refusals_name_the_key():
 # ------------------------------------------------------------------------------------------------ online
 
 
-def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(tmp_path, monkeypatch):
-    from align_jax.data.toy import load_tokenizer, scoring
+def _cfg_online(**kw):
+    """μ = 2, G = 4, β = 0.04 (reference forward), two reward functions (the toy gold reward is mostly 0 for a
+    random model; the character count varies), 4 steps, checkpoints every 2 (rollout boundaries)."""
+    return load_config(**{"grpo.num_iterations": 2, "grpo.num_generations": 4, "loss.name": "grpo:dapo",
+                          "loss.kwargs.beta": 0.04, "optimizer.learning_rate": 1e-3,
+                          "rewards.functions": ("toy_gold", "test_grpo:char_length_reward"),
+                          "rewards.weights": (1.0, 0.5), **kw})
 
+
+@pytest.fixture(scope="module")
+def online_run(tmp_path_factory):
+    """One recorded online run (shared by the end-to-end and the resume tests): [(step, batch, rollout.last)]."""
     calls = []
     orig = algorithms.ALGORITHMS["grpo"]
 
@@ -168,14 +177,17 @@ def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(tmp_path, monk
 
         return wrapped
 
-    monkeypatch.setitem(algorithms.ALGORITHMS, "grpo", dataclasses.replace(orig, make_rollout=recording))
-    c = load_config(**{"grpo.num_iterations": 2, "grpo.num_generations": 4, "loss.name": "grpo:dapo",
-                       "loss.kwargs.beta": 0.04,
-                       "optimizer.learning_rate": 1e-3, "checkpoint.every_steps": 4,
-                       "rewards.functions": ("toy_gold", "test_grpo:char_length_reward"),
-                       "rewards.weights": (1.0, 0.5)})
-    wd = str(tmp_path / "w")
-    train(c, wd)
+    wd = str(tmp_path_factory.mktemp("grpo") / "straight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(algorithms.ALGORITHMS, "grpo", dataclasses.replace(orig, make_rollout=recording))
+        train(_cfg_online(), wd)
+    return wd, calls
+
+
+def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(online_run):
+    from align_jax.data.toy import load_tokenizer, scoring
+
+    wd, calls = online_run
     m = metrics(wd)
     assert sorted(m) == [1, 2, 3, 4]
     names = {"loss", "grad_norm", "reward", "reward_std", "rewards/toy_gold/mean", "rewards/toy_gold/std",
@@ -186,10 +198,15 @@ def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(tmp_path, monk
     assert all(np.isfinite(m[s][k]) for s in m for k in names)
     # one rollout per μ = 2 steps, re-used as is
     assert [s for s, _, _ in calls] == [0, 1, 2, 3]
-    assert calls[0][1] is calls[1][1] and calls[2][1] is calls[3][1] and calls[1][1] is not calls[2][1]
+    for a, b in ((0, 1), (2, 3)):
+        assert all(calls[a][1][k] is calls[b][1][k] for k in calls[a][1] if k != "first_pass")
+        assert calls[a][1]["first_pass"].min() == 1.0 and calls[b][1]["first_pass"].max() == 0.0
+    assert calls[1][1]["input_ids"] is not calls[2][1]["input_ids"] and calls[2][2]["step"] == 2
     assert "old_logps" in calls[0][1] and "ref_logps" in calls[0][1]
-    assert m[1]["log_ratio/abs_mean"] < 1e-5 < m[2]["log_ratio/abs_mean"]  # π_old != π after the first update
-    assert m[1]["kl"] < 1e-6 < m[3]["kl"]
+    # first pass: π_old = π exactly (ratio 1, nothing clipped); re-use: π_old != π after the first update
+    assert m[1]["log_ratio/abs_mean"] == m[3]["log_ratio/abs_mean"] == m[1]["clip_ratio/region_mean"] == 0.0
+    assert m[2]["log_ratio/abs_mean"] > 1e-4 and m[4]["log_ratio/abs_mean"] > 1e-4
+    assert m[1]["kl"] == 0.0 < m[2]["kl"] < m[4]["kl"]  # π = π_ref exactly before the first update
     # the batch's advantages are grpo_advantages of the rewards of its decoded completions
     tok = load_tokenizer()
     for _, batch, last in calls[::2]:
@@ -206,33 +223,40 @@ def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(tmp_path, monk
     assert {r["step"] for r in rows} == {1, 3} and {"prompt", "completion", "reward", "advantage"} <= set(rows[0])
 
 
-def _cfg_resume(tmp_path=None, **kw):
-    return load_config(**{"rewards.functions": ("toy_gold", "test_grpo:char_length_reward"),
-                          "rewards.weights": (1.0, 1.0), "optimizer.learning_rate": 1e-3, **kw})
-
-
-def test_resume_after_kill9_is_bit_identical(tmp_path):
-    straight = str(tmp_path / "straight")
-    train(_cfg_resume(), straight)
+def test_resume_after_kill9_is_bit_identical(online_run, tmp_path):
+    straight = online_run[0]
     killed = str(tmp_path / "killed")
+    # a subprocess that SIGKILLs itself right after the step-2 checkpoint (a rollout boundary) is on disk
     code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
             "import conftest\n"
-            "from test_grpo import _cfg_resume\n"
+            "from test_grpo import _cfg_online\n"
             "from align_jax.train import train\n"
-            "train(_cfg_resume(debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
+            "train(_cfg_online(debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
-    train(_cfg_resume(), killed)  # resumes from step 2: same prompts, same samples, same updates
+    train(_cfg_online(), killed)  # resumes from step 2: same prompts, same samples, same updates
     a, b = metrics(straight), metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
-        for k in ("loss", "grad_norm", "reward", "rewards/toy_gold/mean", "completions/mean_length", "entropy"):
+        for k in ("loss", "grad_norm", "reward", "rewards/toy_gold/mean", "completions/mean_length", "entropy", "kl",
+                  "log_ratio/abs_mean"):
             assert a[step][k] == b[step][k], (step, k)
     assert a[3]["grad_norm"] > 0
     sa = [json.loads(x) for x in open(os.path.join(straight, "samples.jsonl"))]
     sb = [json.loads(x) for x in open(os.path.join(killed, "samples.jsonl"))]
     assert sa == sb
+    for x, y in zip(_final_params(straight, 4), _final_params(killed, 4)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _final_params(workdir, step):
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
 
 
 # ------------------------------------------------------------------------------------------------ offline

@@ -1,0 +1,130 @@
+"""SFT -> GRPO on the embedded toy task with its verifiable rewards, ending with the per-axis table SFT vs GRPO and
+the KL to the reference.
+
+    python experiments/toy_grpo.py --workdir=/tmp/align_jax_toy
+
+1. SFT: the SFT stage of experiments/toy_pipeline.py (same workdir layout: an existing <workdir>/sft/export is
+   reused, e.g. from a toy_pipeline.py run).
+2. GRPO (configs/grpo.py) from the SFT export on the toy prompt-only set: G samples per prompt, scored by the toy
+   task's programs (rewards.functions, default the gold reward), group-relative advantages, clipped surrogate;
+   the frozen reference is the SFT model, so the KL to it is logged every step.
+3. Both policies answer the held-out prompts greedily and are scored per axis (toy_pipeline.evaluate_policy).
+Writes <workdir>/results_grpo.json, results_grpo.md and grpo_reward.png (training reward and KL per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --sft_steps, --eval_prompts, ...)
+
+# Defaults (0 / "" / None) keep configs/grpo.py's values: 100 steps of 8 prompts x 8 samples, lr 3e-4, T = 1,
+# beta = 0, loss grpo (dapo), reward toy_gold.
+flags.DEFINE_integer("grpo_steps", 0, "GRPO steps.")
+flags.DEFINE_integer("grpo_batch", 0, "Prompts per GRPO step.")
+flags.DEFINE_integer("num_generations", 0, "Completions per prompt (G).")
+flags.DEFINE_float("grpo_lr", None, "GRPO learning rate (constant).")
+flags.DEFINE_float("temperature", None, "Sampling temperature.")
+flags.DEFINE_float("beta", None, "KL coefficient (the KL to the reference is logged either way).")
+flags.DEFINE_string("grpo_loss", "", "GRPO variant (grpo, grpo:dr_grpo, grpo:gspo, ...).")
+flags.DEFINE_list("rewards", None, "Reward functions (registered names or module:function), weights 1.")
+FLAGS = flags.FLAGS
+
+
+def _metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [m for m in map(json.loads, f) if "loss" in m]
+
+
+def _mean(rows, key):
+    vals = [float(r[key]) for r in rows if key in r]
+    return sum(vals) / max(len(vals), 1)
+
+
+def plot_training(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(steps, [r["reward"] for r in rows])
+    ax[0].set_title("GRPO: mean reward of the samples")
+    ax[1].plot(steps, [r.get("kl", float("nan")) for r in rows])
+    ax[1].set_title("KL(policy || SFT reference), k3, per token")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    wd = FLAGS.workdir
+    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    t0 = time.time()
+
+    sft_cfg = tp._config("sft")
+    sft_cfg.data.toy_dir, sft_cfg.data.data_dir = toy_dir, data_dir
+    if FLAGS.sft_steps:
+        sft_cfg.total_steps = FLAGS.sft_steps
+    sft_path = tp._stage("sft", sft_cfg, os.path.join(wd, "sft"))
+
+    c = tp._config("grpo")
+    c.model.init_from = sft_path
+    c.data.toy_dir, c.data.data_dir = toy_dir, data_dir
+    c.loss.name = FLAGS.grpo_loss or c.loss.name
+    if FLAGS.beta is not None:
+        c.loss.kwargs.beta = FLAGS.beta
+    if FLAGS.rewards:
+        c.rewards.functions = tuple(FLAGS.rewards)
+        c.rewards.weights = (1.0,) * len(FLAGS.rewards)
+    c.batch_size = FLAGS.grpo_batch or c.batch_size
+    c.grpo.num_generations = FLAGS.num_generations or c.grpo.num_generations
+    if FLAGS.temperature is not None:
+        c.grpo.temperature = FLAGS.temperature
+    if FLAGS.grpo_lr is not None:
+        c.optimizer.learning_rate = FLAGS.grpo_lr
+    c.total_steps = FLAGS.grpo_steps or c.total_steps
+    c.checkpoint.every_steps = c.total_steps
+    c.log_every = 10
+    c.eval_generation = 0  # evaluated below, like the SFT model
+    grpo_wd = os.path.join(wd, "grpo")
+    t1 = time.time()
+    grpo_path = tp._stage("grpo", c, grpo_wd)
+    t_grpo = time.time() - t1
+
+    print("[eval] generating on held-out prompts ...")
+    sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    grpo = tp.evaluate_policy(grpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    rows = _metrics(os.path.join(grpo_wd, "metrics.jsonl"))
+    k = max(1, min(10, len(rows) // 5))
+    train_stats = {"reward_first_steps": _mean(rows[:k], "reward"), "reward_last_steps": _mean(rows[-k:], "reward"),
+                   "kl_last_steps": _mean(rows[-k:], "kl"), "entropy_last_steps": _mean(rows[-k:], "entropy"),
+                   "window": k, "grpo_seconds": t_grpo}
+    md = tp.table(sft, grpo).replace("| DPO |", "| GRPO |")
+    md += (f"\n\nGRPO training ({len(rows)} steps, {c.batch_size} prompts x {c.grpo.num_generations} samples): "
+           f"sample reward {train_stats['reward_first_steps']:.3f} (first {k} steps) -> "
+           f"{train_stats['reward_last_steps']:.3f} (last {k}); KL to the SFT reference "
+           f"{train_stats['kl_last_steps']:.4f} per token (k3, mean of the last {k} steps).")
+    with open(os.path.join(wd, "results_grpo.json"), "w") as f:
+        json.dump({"sft": sft, "grpo": grpo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
+    with open(os.path.join(wd, "results_grpo.md"), "w") as f:
+        f.write(md + "\n")
+    plot_training(rows, os.path.join(wd, "grpo_reward.png"))
+    print("\nSample GRPO answers:")
+    for s in grpo["samples"][:4]:
+        print(f"  {s['prompt']!r} -> {s['completion']!r}")
+    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results_grpo.md, grpo_reward.png)")
+
+
+if __name__ == "__main__":
+    app.run(main)

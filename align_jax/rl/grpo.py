@@ -510,6 +510,7 @@ def grpo_offline_eval(model, batch, ref_model, cfg):
 
 
 ALGORITHMS["grpo"] = Algorithm("grpo", "prompt_only", grpo_train_loss, grpo_eval, needs_reference=True,
-                               loss_prefixes=("grpo",), make_rollout=make_grpo_rollout)
+                               loss_prefixes=("grpo",), make_rollout=make_grpo_rollout,
+                               validate=validate_grpo_config)
 ALGORITHMS["grpo_offline"] = Algorithm("grpo_offline", "groupwise", grpo_offline_loss, grpo_offline_eval,
                                        needs_reference=True, loss_prefixes=("grpo",))

@@ -178,6 +178,7 @@ class Algorithm:
     # Online algorithms: make_rollout(config=, graphdef=, rest=, ref=(graphdef, params, rest, shardings),
     # tokenizer=, mesh=, workdir=) -> rollout(params, next_batch: () -> loader batch, step) -> (batch, metrics).
     make_rollout: Callable | None = None
+    validate: Callable | None = None  # extra config checks, run with validate_config before anything is built
 
 
 ALGORITHMS = {

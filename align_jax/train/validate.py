@@ -47,6 +47,8 @@ def validate_config(config) -> None:
         bad("data.packing", "packing is for SFT only")
     if config.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16")
+    if algo.validate is not None:
+        algo.validate(config)
     try:
         mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices=jax.device_count(),
                    key="config.mesh")

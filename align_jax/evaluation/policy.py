@@ -48,27 +48,24 @@ def generate_completions(model, tokenizer, prompts, *, batch_size: int = 64, max
     return out
 
 
-def preference_accuracy(model, loader, *, ref_model=None, chunk_size: int = 8192) -> dict:
-    """Held-out preference accuracy over a pairwise eval loader (padding rows excluded)."""
+def _sequence_logps_fn(model, chunk_size: int):
+    """A jitted (state, pair batch) -> (chosen, rejected) sequence log-probs for `model`, and its state."""
     from align_jax.train.algorithms import _pair_token_logps, _seq
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def seq_logps(state, batch):
-        m = nnx.merge(graphdef, state)
-        (c, cm), (r, rm) = _pair_token_logps(m, batch, chunk_size)
+    def fn(state, batch):
+        (c, cm), (r, rm) = _pair_token_logps(nnx.merge(graphdef, state), batch, chunk_size)
         return _seq(c, cm), _seq(r, rm)
 
-    ref = None
-    if ref_model is not None:
-        ref_graphdef, ref_state = nnx.split(ref_model)
+    return fn, state
 
-        @jax.jit
-        def ref(state, batch):
-            m = nnx.merge(ref_graphdef, state)
-            (c, cm), (r, rm) = _pair_token_logps(m, batch, chunk_size)
-            return _seq(c, cm), _seq(r, rm)
+
+def preference_accuracy(model, loader, *, ref_model=None, chunk_size: int = 8192) -> dict:
+    """Held-out preference accuracy over a pairwise eval loader (padding rows excluded)."""
+    seq_logps, state = _sequence_logps_fn(model, chunk_size)
+    ref, ref_state = _sequence_logps_fn(ref_model, chunk_size) if ref_model is not None else (None, None)
 
     hits = implicit = total = 0.0
     keys = [f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "completion_mask")]

@@ -72,11 +72,7 @@ def main(argv):
     toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
     t0 = time.time()
 
-    sft_cfg = tp._config("sft")
-    sft_cfg.data.toy_dir, sft_cfg.data.data_dir = toy_dir, data_dir
-    if FLAGS.sft_steps:
-        sft_cfg.total_steps = FLAGS.sft_steps
-    sft_path = tp._stage("sft", sft_cfg, os.path.join(wd, "sft"))
+    sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
 
     c = tp._config("grpo")
     c.model.init_from = sft_path
@@ -110,7 +106,7 @@ def main(argv):
     train_stats = {"reward_first_steps": _mean(rows[:k], "reward"), "reward_last_steps": _mean(rows[-k:], "reward"),
                    "kl_last_steps": _mean(rows[-k:], "kl"), "entropy_last_steps": _mean(rows[-k:], "entropy"),
                    "window": k, "grpo_seconds": t_grpo}
-    md = tp.table(sft, grpo).replace("| DPO |", "| GRPO |")
+    md = tp.table(sft, grpo, name="GRPO")
     md += (f"\n\nGRPO training ({len(rows)} steps, {c.batch_size} prompts x {c.grpo.num_generations} samples): "
            f"sample reward {train_stats['reward_first_steps']:.3f} (first {k} steps) -> "
            f"{train_stats['reward_last_steps']:.3f} (last {k}); KL to the SFT reference "

@@ -59,6 +59,15 @@ def _stage(name, config, workdir):
     return export
 
 
+def sft_stage(wd: str, steps: int = 0) -> str:
+    """SFT from random init on the toy corpus in <wd>/sft (shared by the DPO and GRPO experiments)."""
+    cfg = _config("sft")
+    cfg.data.toy_dir, cfg.data.data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    if steps:
+        cfg.total_steps = steps
+    return _stage("sft", cfg, os.path.join(wd, "sft"))
+
+
 def evaluate_policy(path: str, toy_dir: str, n_prompts: int, data_dir: str) -> dict:
     from align_jax.data import build_dataset, make_loader
     from align_jax.data.toy import evaluate, read_jsonl
@@ -80,8 +89,8 @@ def evaluate_policy(path: str, toy_dir: str, n_prompts: int, data_dir: str) -> d
     return scores
 
 
-def table(sft: dict, dpo: dict) -> str:
-    lines = ["| axis | SFT | DPO | change |", "|---|---|---|---|"]
+def table(sft: dict, dpo: dict, name: str = "DPO") -> str:
+    lines = [f"| axis | SFT | {name} | change |", "|---|---|---|---|"]
     for key, label, higher in AXES:
         a, b = sft.get(key), dpo.get(key)
         if a is None or b is None:
@@ -116,11 +125,7 @@ def main(argv):
     toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
     t0 = time.time()
 
-    sft_cfg = _config("sft")
-    sft_cfg.data.toy_dir, sft_cfg.data.data_dir = toy_dir, data_dir
-    if FLAGS.sft_steps:
-        sft_cfg.total_steps = FLAGS.sft_steps
-    sft_path = _stage("sft", sft_cfg, os.path.join(wd, "sft"))
+    sft_path = sft_stage(wd, FLAGS.sft_steps)
 
     dpo_cfg = _config("dpo")
     dpo_cfg.model.init_from = sft_path

@@ -81,7 +81,7 @@ def test_reward_registry_weighted_sum_and_module_path():
     assert out.failures == [] and out.names[2] == "test_grpo:char_length_reward"
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         R.get_reward_function("nope")
-    with pytest.raises(NotImplementedError, match="reward model"):
+    with pytest.raises(ValueError, match="not a reward model"):
         R.get_reward_function("rm:/some/dir")
 
 

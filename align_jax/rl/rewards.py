@@ -29,8 +29,11 @@ it — TRL's convention, which also lets a function return None where it does no
 which *all* failed is excluded from its group's mean/std and gets advantage 0 (`align_jax.rl.grpo`). With a
 single reward function, a failure therefore always excludes the completion from its group's statistics.
 
-A trained reward model as a reward is a later step: `"rm:<dir>"` is recognised and refused with
-NotImplementedError (the hook is `reward_model_reward`).
+A trained reward model as a reward: `"rm:<dir>"` names a reward-model export (the reward-model trainer's
+`export`: backbone + `score_head.npy` + tokenizer); `reward_model_reward` loads it once and returns
+`align_jax.rl.reward_model.RewardModelReward`, which scores `prompt + completion` tokenized as in reward-model
+training (EOS appended to text completions, chat template for conversations; TRL's GRPO scores the decoded text
+without EOS instead, see that module), batched and padded to fixed length buckets.
 """
 
 from __future__ import annotations
@@ -61,20 +64,21 @@ def register_reward(name: str, fn: Callable | None = None, *, overwrite: bool = 
     return deco(fn) if fn is not None else deco
 
 
-def reward_model_reward(path: str):
-    """Hook for a trained reward model (`ScalarHeadModel` export) as a reward: not implemented yet.
+def reward_model_reward(path: str, **kwargs):
+    """`"rm:<dir>"`: the reward-model export at `path` as a reward function (`RewardModelReward(path, **kwargs)`,
+    e.g. max_length / batch_size from `rewards.kwargs["rm:<dir>"]`; loaded here once; ValueError naming the path
+    when it is not a reward-model export)."""
+    from align_jax.rl.reward_model import RewardModelReward  # lazy: keeps this module free of JAX
 
-    The intended implementation: load the export once, render prompt + completion with the chat template,
-    batch, and return `align_jax.models.heads.sequence_scores` per completion."""
-    raise NotImplementedError(f"rewards.functions: 'rm:{path}' — a trained reward model as a GRPO reward is not "
-                              "implemented yet (hook: align_jax.rl.rewards.reward_model_reward)")
+    return RewardModelReward(path, **kwargs)
 
 
 def get_reward_function(spec: str, kwargs: dict | None = None) -> Callable:
-    """A registered name, "module:function", or "rm:<dir>" (not yet implemented) -> the callable, with
-    `kwargs` bound. ValueError naming the spec when it cannot be resolved."""
+    """A registered name, "module:function", or "rm:<dir>" (a trained reward model) -> the callable, with
+    `kwargs` bound (for "rm:", the options of `RewardModelReward`). ValueError naming the spec when it cannot be
+    resolved."""
     if spec.startswith("rm:"):
-        return reward_model_reward(spec[3:])
+        return reward_model_reward(spec[3:], **(kwargs or {}))
     if spec in REWARD_FUNCTIONS:
         fn = REWARD_FUNCTIONS[spec]
     elif ":" in spec:

@@ -179,6 +179,10 @@ class Algorithm:
     # tokenizer=, mesh=, workdir=) -> rollout(params, next_batch: () -> loader batch, step) -> (batch, metrics).
     make_rollout: Callable | None = None
     validate: Callable | None = None  # extra config checks, run with validate_config before anything is built
+    # build_model(config, mesh) -> the trainable module, when it is not the plain policy / scalar-head model
+    # (PPO: policy + value model). Its `.policy`, if any, is what the reference copies, generation evaluates
+    # and export writes.
+    build_model: Callable | None = None
 
 
 ALGORITHMS = {

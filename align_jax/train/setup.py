@@ -140,7 +140,10 @@ def _model_kw(config):
 
 
 def build_model(config, mesh, algorithm, *, seed_offset: int = 0):
-    """The policy (or the reward model: decoder + scalar head), created straight into its shardings."""
+    """The policy (or the reward model: decoder + scalar head; or the algorithm's own module, e.g. PPO's policy +
+    value model), created straight into its shardings."""
+    if algorithm.build_model is not None:
+        return algorithm.build_model(config, mesh)
     init = config.model.init_from
     kw = _model_kw(config)
     if init == "toy" or init.startswith("random:"):
@@ -165,11 +168,17 @@ def build_model(config, mesh, algorithm, *, seed_offset: int = 0):
     return head
 
 
+def policy_of(model):
+    """The policy inside a trainable module (PPO's `PolicyValueModel.policy`), or the module itself."""
+    return getattr(model, "policy", model)
+
+
 def build_reference(config, policy, algorithm):
     """The frozen reference policy (DPO): a copy of the policy's initial weights (same shardings; the checkpoint
     is not read twice), or None when the loss is reference-free (`config.loss.reference_free`)."""
     if not algorithm.needs_reference or config.loss.get("reference_free", False):
         return None
+    policy = policy_of(policy)
     graphdef, state = nnx.split(policy)
     ref = nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
     if isinstance(ref, Transformer):  # no gradient flows into the reference: nothing to rematerialise
@@ -224,14 +233,16 @@ def toy_generation_eval(config, model, tokenizer, workdir: str) -> dict:
     toy_dir = config.data.toy_dir or os.path.join(workdir, "toy_data")
     prompts = [r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))]
     prompts = prompts[:config.eval_generation]
-    completions = generate_completions(model, tokenizer, prompts, batch_size=min(100, len(prompts)),
+    completions = generate_completions(policy_of(model), tokenizer, prompts, batch_size=min(100, len(prompts)),
                                        max_new_tokens=24)
     scores = evaluate(prompts, completions)
     return {f"eval/gen/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and v == v}
 
 
 def export(config, model, tokenizer, path: str) -> None:
-    """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer)."""
+    """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer); a reward model's
+    score head goes to score_head.npy next to its backbone."""
+    model = policy_of(model)
     if isinstance(model, ScalarHeadModel):
         save_pretrained(model.backbone, path)
         if jax.process_index() == 0:

@@ -1,0 +1,368 @@
+"""PPO for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022 "InstructGPT"), as TRL 1.x's
+`PPOTrainer` (trl.experimental.ppo) computes it, on the shared training loop.
+
+Model: `PolicyValueModel` = the policy (a `Transformer`) + a value model, a scalar head either on its own
+backbone (`ppo.value_model` = a reward-model export directory, "reward_model" = the one in `ppo.reward_model`,
+TRL's usual set-up, or "policy" = a copy of the policy's backbone with a fresh head) or on the policy's own final
+hidden states ("shared"). One optimizer updates both (TRL's `PolicyAndValueWrapper`). The frozen reference is a
+copy of the initial policy; the frozen reward model (`ppo.reward_model`, an export of the reward-model trainer)
+scores each rollout at its last token.
+
+A rollout happens every K = `ppo.num_ppo_epochs` x `ppo.num_mini_batches` steps (TRL step numbers below):
+
+  1. B = `batch_size` prompts, left-padded to P = `data.max_prompt_length`; one completion each, sampled from the
+     current policy at temperature T (top-k/top-p off, as TRL), up to N = `ppo.response_length` tokens, stopping
+     after EOS (TRL with `stop_token="eos"`); rng = fold_in(key(seed), step), so a resumed run draws the same;
+  2. one jitted pass (`rollout_tensors`) over the R = B rows [P + N]: log π_old = log_softmax(logits / T)[y] of
+     the policy, log π_ref of the reference (same T), old values V_t = v(h_{P-1+t}) (the value of the state
+     before response token t), the reward-model score s at the last real token (EOS), and
+       - `missing_eos_penalty`: s ← s − penalty when the completion has no EOS (TRL step 3);
+       - policy mask m_t = 1 up to and including EOS; value mask m^v = m plus the slot right after EOS (TRL's
+         `padding_mask_p1`: the value of the state that has seen EOS is trained to predict the score);
+       - per-token rewards (`losses.kl_penalized_rewards`, TRL step 4): r_t = −kl_coef·KL_t on m, + s on the last
+         slot of m^v (TRL's `actual_end`: EOS + 1, or the last slot when the completion fills all N);
+         KL_t = log π_old − log π_ref ("k1", TRL's default) or the k3 estimator;
+       - `whiten_rewards` (TRL step 5, off by default): masked_whiten(r, m^v, shift_mean=False);
+       - GAE (`losses.gae`, γ = `gamma`, λ = `lam`) over m^v; returns R_t = A_t + V_t; advantages whitened over
+         m (`losses.masked_whiten`, TRL step 6);
+  3. K optimiser steps: for each of `num_ppo_epochs` epochs a fresh permutation of the R rows (seeded by
+     (seed, rollout, epoch)), cut into `num_mini_batches` minibatches; each minibatch is one train step of
+     `ppo_train_loss` = `losses.ppo_policy_loss` (clip `cliprange`, over m) + `vf_coef` · `losses.ppo_value_loss`
+     (clip `cliprange_value`, over m^v), with the new log-probs at temperature T. (TRL's gradient accumulation
+     within a minibatch is the loop's `optimizer.grad_accum_steps`.)
+
+Checkpoints fall on rollout boundaries (`checkpoint.every_steps` a multiple of K, enforced): a resumed run
+restarts with a fresh rollout from restored params, data iterator and step, bit-identical to one that never
+stopped.
+
+Logged with TRL's PPO metric names. Per rollout (repeated on its K steps): `objective/kl` = mean over rollouts
+of Σ_t KL_t, `objective/entropy` = mean of Σ_t −log π_old, `objective/non_score_reward` = mean of Σ_t
+−kl_coef·KL_t, `objective/scores` = mean score (after the EOS penalty), `objective/rlhf_reward` = the sum of the
+last two, `val/num_eos_tokens`, `eps` (episodes per second of the rollout), `episode`, plus
+`completions/mean_length`, `completions/clipped_ratio`, `rollout_seconds`. Per step (one minibatch; TRL
+averages the same quantities over the K updates of a rollout): `policy/approxkl_avg`, `policy/clipfrac_avg`,
+`loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`, `policy/entropy_avg`, `val/ratio`, `val/ratio_var`,
+`val/vpred`. Differences from TRL's bookkeeping, all on padding: TRL fills padded log-probs with 1.0 and takes
+some means over all B·N slots (entropy, approxkl, ratio); here every mean is over the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax import losses
+from align_jax.losses.common import masked_count, masked_mean, masked_sum, safe_div
+from align_jax.models.heads import ScalarHeadModel, sequence_scores
+from align_jax.models.llama import Transformer
+from align_jax.ops import token_logps
+from align_jax.train.algorithms import ALGORITHMS, Algorithm
+
+log = logging.getLogger(__name__)
+
+VALUE_MODELS = ("reward_model", "policy", "shared")  # or a path to a reward-model export
+
+
+def _bad(key: str, msg: str):
+    from align_jax.train.validate import ConfigValueError
+
+    raise ConfigValueError(f"config.{key}: {msg}")
+
+
+def validate_ppo_config(config) -> None:
+    """Refuses a PPO config that cannot work, naming the key (ConfigValueError)."""
+    if "ppo" not in config:
+        _bad("ppo", "missing: start from configs/ppo.py")
+    p = config.ppo
+    for key in ("num_ppo_epochs", "num_mini_batches", "response_length"):
+        if not isinstance(p[key], int) or p[key] < 1:
+            _bad(f"ppo.{key}", f"must be a positive integer, got {p[key]!r}")
+    if config.batch_size % p.num_mini_batches:
+        _bad("ppo.num_mini_batches", f"{p.num_mini_batches} does not divide batch_size={config.batch_size} "
+                                     "(the rollout's rows are cut into this many minibatches)")
+    K = p.num_ppo_epochs * p.num_mini_batches
+    if config.checkpoint.every_steps % K:
+        _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of num_ppo_epochs x "
+                                       f"num_mini_batches = {K}: a checkpoint must fall on a rollout boundary")
+    if not p.temperature > 0:
+        _bad("ppo.temperature", f"must be > 0, got {p.temperature!r}")
+    if p.kl_estimator not in ("k1", "k3"):
+        _bad("ppo.kl_estimator", f"must be 'k1' or 'k3', got {p.kl_estimator!r}")
+    for key in ("cliprange", "cliprange_value", "vf_coef", "kl_coef"):
+        if not p[key] >= 0:
+            _bad(f"ppo.{key}", f"must be >= 0, got {p[key]!r}")
+    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+        _bad("ppo.gamma", f"gamma={p.gamma!r} and lam={p.lam!r} must be in [0, 1]")
+    if not p.reward_model or not os.path.isdir(p.reward_model):
+        _bad("ppo.reward_model", f"{p.reward_model!r} is not a directory: give the export of a reward-model run "
+                                 "(<workdir>/export of configs/reward_model.py)")
+    if p.value_model not in VALUE_MODELS and not os.path.isdir(p.value_model):
+        _bad("ppo.value_model", f"{p.value_model!r}: one of {VALUE_MODELS} or a reward-model export directory")
+    if config.data.kind not in ("", "prompt_only"):
+        _bad("data.kind", f"PPO samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
+    P = config.data.max_prompt_length
+    if not P or P < 1:
+        _bad("data.max_prompt_length", "PPO pads prompts to this fixed length (the prompt bucket): set it > 0")
+    if max(config.data.length_buckets) < P:
+        _bad("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
+    if config.loss.get("reference_free", False):
+        _bad("loss.reference_free", "PPO's KL penalty needs the reference model")
+    if config.reference.precompute:
+        _bad("reference.precompute", "not available for PPO (reference log-probs are computed per rollout)")
+    if jax.process_count() > 1:
+        _bad("mesh", "PPO runs on one host for now (the sampler takes host-local prompts)")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+class PolicyValueModel(nnx.Module):
+    """The policy plus a value model: `value` = a `ScalarHeadModel` with its own backbone, or None with
+    `value_head` [D] applied to the policy's final hidden states (shared backbone)."""
+
+    def __init__(self, policy: Transformer, value: ScalarHeadModel | None = None, value_head=None):
+        self.policy = policy
+        self.value = value
+        self.value_head = None if value_head is None else nnx.Param(value_head, logical_axes=("embed",))
+
+    def completion_hidden_and_values(self, input_ids_RxT, attention_mask_RxT, num_completion_tokens: int):
+        """Policy hidden states h_{P-1+t} [R, N, D] (the states that predict completion token t) and the values
+        V_t of the same states [R, N] (float32). Positions are cumsum(mask) − 1, as in the sampler."""
+        N = num_completion_tokens
+        positions = jnp.maximum(jnp.cumsum(attention_mask_RxT.astype(jnp.int32), axis=1) - 1, 0)
+        h = self.policy(input_ids_RxT, attention_mask_RxT, positions, None, return_hidden=True)[:, -N - 1:-1]
+        if self.value is None:
+            v = jnp.einsum("rnd,d->rn", h, self.value_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        else:
+            v = self.value(input_ids_RxT, attention_mask_RxT, positions)[:, -N - 1:-1]
+        return h, v
+
+
+def _tempered_logps(policy: Transformer, h_RxNxD, ids_RxN, temperature: float, chunk_size: int,
+                    return_entropy: bool = False):
+    """log_softmax(logits / T)[y] (TRL: logits /= temperature) without [R, N, V] logits: (h / T) W = logits / T."""
+    if temperature != 1.0:
+        h_RxNxD = h_RxNxD / jnp.asarray(temperature, h_RxNxD.dtype)
+    return token_logps(h_RxNxD, policy.lm_head_DxV(), ids_RxN, chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def build_policy_value_model(config, mesh):
+    """The trainable PPO model: the policy from `model.init_from` (straight into its shardings) and the value
+    model per `ppo.value_model` (module docstring)."""
+    from align_jax.rl.reward_model import load_reward_model
+    from align_jax.train import setup
+
+    policy = setup.build_model(config, mesh, ALGORITHMS["sft"])  # a plain policy
+    how = config.ppo.value_model
+    if how == "shared":
+        D = policy.config.hidden_size
+        std = 1.0 / (D + 1) ** 0.5  # transformers' init of a fresh score head
+        head = (std * jax.random.normal(jax.random.key(config.seed + 1), (D,))).astype(policy.config.param_dtype)
+        return PolicyValueModel(policy, None, head)
+    if how == "policy":
+        graphdef, state = nnx.split(policy)
+        backbone = nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
+        value = ScalarHeadModel(backbone.config, rngs=nnx.Rngs(config.seed + 1), backbone=backbone)
+        return PolicyValueModel(policy, value)
+    path = config.ppo.reward_model if how == "reward_model" else how
+    value = load_reward_model(path, mesh=mesh, dtype=config.model.dtype)
+    return PolicyValueModel(policy, value)
+
+
+# ---------------------------------------------------------------------------------------------- rollout math
+
+
+def ppo_advantages(scores_R, logps_RxN, ref_logps_RxN, values_RxN, completion_ids_RxN, completion_mask_RxN, *,
+                   eos_id: int, kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
+                   whiten_rewards: bool = False, missing_eos_penalty=None):
+    """TRL PPOTrainer steps 3-6 on one rollout (module docstring), jit-friendly. Returns a dict of arrays:
+    `scores` [R] (after the EOS penalty), `value_mask` [R, N], `rewards`, `kl`, `advantages` (whitened, 0 off
+    the policy mask), `returns`, `values` (0 off the value mask), all [R, N] float32."""
+    m = completion_mask_RxN.astype(jnp.float32)
+    N = m.shape[1]
+    contain_eos = jnp.any((completion_ids_RxN == eos_id) & (m > 0), axis=1)
+    scores = scores_R.astype(jnp.float32)
+    if missing_eos_penalty is not None:
+        scores = jnp.where(contain_eos, scores, scores - missing_eos_penalty)
+    seq_len = jnp.sum(m, axis=1).astype(jnp.int32) - 1  # index of the last real token
+    t = jnp.arange(N)[None, :]
+    value_mask = jnp.where((m > 0) | (t == seq_len[:, None] + 1), 1.0, 0.0)
+    logp = jnp.where(m > 0, logps_RxN, 0.0)
+    ref = jnp.where(m > 0, ref_logps_RxN, 0.0)
+    # r_t = −kl_coef·KL_t on m (0 at the extra value slot, where both log-probs are 0) + the score on the last
+    # slot of the value mask.
+    rewards = losses.kl_penalized_rewards(scores, logp, ref, value_mask, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    logr = ref - logp
+    kl = jnp.where(m > 0, -logr if kl_estimator == "k1" else jnp.expm1(logr) - logr, 0.0)
+    if whiten_rewards:
+        rewards = losses.masked_whiten(rewards, value_mask, shift_mean=False)
+    values = jnp.where(value_mask > 0, values_RxN, 0.0)
+    adv, returns = losses.gae(rewards, values, value_mask, gamma=gamma, lam=lam)
+    adv = losses.masked_whiten(adv, m)
+    return {"scores": scores, "value_mask": value_mask, "rewards": rewards, "kl": kl, "advantages": adv,
+            "returns": returns, "values": values, "contain_eos": contain_eos.astype(jnp.float32)}
+
+
+@functools.partial(jax.jit, static_argnames=("pv_graphdef", "ref_graphdef", "rm_graphdef", "N", "kw"))
+def rollout_tensors(pv_params, pv_rest, ref_params, ref_rest, rm_params, rm_rest, ids_RxT, attn_RxT, comp_ids_RxN,
+                    comp_mask_RxN, *, pv_graphdef, ref_graphdef, rm_graphdef, N: int, kw: tuple):
+    """One pass over a rollout: log π_old, log π_ref, old values, reward-model scores, then `ppo_advantages`."""
+    kw = dict(kw)
+    T, chunk, eos = kw.pop("temperature"), kw.pop("chunk_size"), kw.pop("eos_id")
+    pv = nnx.merge(pv_graphdef, pv_params, pv_rest)
+    ref = nnx.merge(ref_graphdef, ref_params, ref_rest)
+    rm = nnx.merge(rm_graphdef, rm_params, rm_rest)
+    h, values = pv.completion_hidden_and_values(ids_RxT, attn_RxT, N)
+    logps = _tempered_logps(pv.policy, h, ids_RxT[:, -N:], T, chunk)
+    positions = jnp.maximum(jnp.cumsum(attn_RxT.astype(jnp.int32), axis=1) - 1, 0)
+    h_ref = ref(ids_RxT, attn_RxT, positions, None, return_hidden=True)[:, -N - 1:-1]
+    ref_logps = _tempered_logps(ref, h_ref, ids_RxT[:, -N:], T, chunk)
+    scores = sequence_scores(rm, ids_RxT, attn_RxT)
+    out = ppo_advantages(scores, logps, ref_logps, values, comp_ids_RxN, comp_mask_RxN, eos_id=eos, **kw)
+    out.update(logps=jnp.where(comp_mask_RxN > 0, logps, 0.0), raw_scores=scores)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def ppo_train_loss(model: PolicyValueModel, batch, ref_model, cfg):
+    """L = `ppo_policy_loss` (over the policy mask) + vf_coef · `ppo_value_loss` (over the value mask), TRL's
+    PPOTrainer minibatch loss, on a minibatch of a rollout (module docstring)."""
+    p = cfg.ppo
+    N = batch["completion_mask"].shape[1]
+    h, values = model.completion_hidden_and_values(batch["input_ids"], batch["attention_mask"], N)
+    logps, entropy = _tempered_logps(model.policy, h, batch["input_ids"][:, -N:], p.temperature, cfg.chunk_size,
+                                     return_entropy=True)
+    m, vm = batch["completion_mask"], batch["value_mask"]
+    pg_loss, pm = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], m, clip=p.cliprange)
+    vf_loss, vmet = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], vm,
+                                          clip_value=p.cliprange_value)
+    ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(logps) - batch["old_logps"], -20.0, 20.0))
+    ratio_mean = masked_mean(ratio, m)
+    metrics = {"policy/approxkl_avg": pm["policy/approxkl"], "policy/clipfrac_avg": pm["policy/clipfrac"],
+               "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "val/clipfrac_avg": vmet["val/clipfrac"],
+               "val/vpred": vmet["val/vpred"],
+               "policy/entropy_avg": safe_div(masked_sum(jax.lax.stop_gradient(entropy), m), masked_count(m)),
+               "val/ratio": ratio_mean, "val/ratio_var": masked_mean((ratio - ratio_mean) ** 2, m)}
+    return pg_loss + p.vf_coef * vf_loss, metrics
+
+
+def ppo_eval(model, batch, ref_model, cfg):
+    """Online PPO has no per-example held-out loss on prompts: evaluate by generation (`eval_generation`)."""
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------- the rollout hook
+
+
+class PPORollout:
+    """`rollout(params, next_batch, step) -> (minibatch, metrics)` for the training loop (module docstring)."""
+
+    def __init__(self, *, config, graphdef, rest, ref, tokenizer, mesh, workdir):
+        from align_jax.rl.grpo import _SampleLog
+        from align_jax.rl.reward_model import load_reward_model
+        from align_jax.sampling import Sampler
+
+        validate_ppo_config(config)
+        p = config.ppo
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        self.K, self.N, self.P = p.num_ppo_epochs * p.num_mini_batches, p.response_length, config.data.max_prompt_length
+        self.M = config.batch_size // p.num_mini_batches  # rows per minibatch (= per train step)
+        replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+        if self.M % replicas or (self.M // replicas) % config.optimizer.grad_accum_steps:
+            _bad("ppo.num_mini_batches", f"a minibatch of batch_size / num_mini_batches = {self.M} rows must split "
+                                         f"over the {replicas} data-parallel replicas and then into "
+                                         f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.sampler = Sampler(max_new_tokens=self.N, temperature=p.temperature, eos_ids=(self.eos,),
+                               pad_id=self.pad, num_generations=1, mesh=mesh)
+        self.graphdef, self.rest = graphdef, rest
+        self.ref_graphdef, self.ref_params, self.ref_rest, _ = ref
+        rm = load_reward_model(p.reward_model, mesh=mesh, dtype=config.model.dtype)
+        self.rm_graphdef, self.rm_params, self.rm_rest = nnx.split(rm, nnx.Param, ...)
+        self.kw = (("temperature", float(p.temperature)), ("chunk_size", int(config.chunk_size)),
+                   ("eos_id", int(self.eos)), ("kl_coef", float(p.kl_coef)), ("kl_estimator", p.kl_estimator),
+                   ("gamma", float(p.gamma)), ("lam", float(p.lam)), ("whiten_rewards", bool(p.whiten_rewards)),
+                   ("missing_eos_penalty", None if p.missing_eos_penalty is None else float(p.missing_eos_penalty)))
+        self.samples = _SampleLog(workdir)
+        self.cache = None  # (block, full rollout batch, metrics)
+        self.last = None
+
+    def __call__(self, params, next_batch, step: int):
+        p = self.config.ppo
+        block, i = divmod(step, self.K)
+        if self.cache is None or self.cache[0] != block:
+            self.cache = (block, *self._rollout(params, next_batch(), step))
+        _, full, metrics = self.cache
+        epoch, mb = divmod(i, p.num_mini_batches)
+        perm = np.random.default_rng([self.config.seed, block, epoch]).permutation(self.config.batch_size)
+        rows = perm[mb * self.M:(mb + 1) * self.M]
+        return {k: v[rows] for k, v in full.items()}, metrics
+
+    def _rollout(self, params, prompts: dict, step: int):
+        from align_jax.rl.grpo import _fixed_prompt_bucket, _text
+        from align_jax.train.loop import _to_device
+
+        t0 = time.perf_counter()
+        ids_BxP, mask_BxP = _fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
+                                                 np.asarray(prompts["prompt_mask"]), self.P, self.pad)
+        model = nnx.merge(self.graphdef, params, self.rest)
+        out = self.sampler(model.policy, ids_BxP, mask_BxP,
+                           rng=jax.random.fold_in(jax.random.key(self.config.seed), step))
+        comp_ids = np.asarray(jax.device_get(out.completion_ids), np.int32)
+        comp_mask = np.asarray(jax.device_get(out.completion_mask), np.int32)
+        ids = np.concatenate([ids_BxP, comp_ids], 1)
+        attn = np.concatenate([mask_BxP, comp_mask], 1)
+        dev = _to_device({"ids": ids, "attn": attn, "cids": comp_ids, "cmask": comp_mask}, self.mesh)
+        t = jax.device_get(rollout_tensors(
+            params, self.rest, self.ref_params, self.ref_rest, self.rm_params, self.rm_rest, dev["ids"],
+            dev["attn"], dev["cids"], dev["cmask"], pv_graphdef=self.graphdef, ref_graphdef=self.ref_graphdef,
+            rm_graphdef=self.rm_graphdef, N=self.N, kw=self.kw))
+        t = {k: np.asarray(v) for k, v in t.items()}
+        batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp_mask,
+                 "value_mask": t["value_mask"], "old_logps": t["logps"], "old_values": t["values"],
+                 "advantages": t["advantages"], "returns": t["returns"]}
+        B = ids.shape[0]
+        kl_coef = self.config.ppo.kl_coef
+        lengths = comp_mask.sum(1)
+        non_score = (-kl_coef * t["kl"]).sum(1).mean()
+        dt = time.perf_counter() - t0
+        m = {"objective/kl": float(t["kl"].sum(1).mean()),
+             "objective/entropy": float((-t["logps"]).sum(1).mean()),
+             "objective/non_score_reward": float(non_score),
+             "objective/rlhf_reward": float(non_score + t["scores"].mean()),
+             "objective/scores": float(t["scores"].mean()),
+             "val/num_eos_tokens": float(((comp_ids == self.eos) & (comp_mask > 0)).sum()),
+             "completions/mean_length": float(lengths.mean()),
+             "completions/clipped_ratio": float(1.0 - t["contain_eos"].mean()),
+             "episode": float((step // self.K + 1) * B), "eps": B / max(dt, 1e-9), "rollout_seconds": dt}
+        texts = self.tokenizer.batch_decode([r[:n].tolist() for r, n in zip(comp_ids, lengths)],
+                                            skip_special_tokens=True)
+        self.last = {"step": step, "prompts": list(prompts["prompt_text"]), "completions": texts,
+                     "scores": t["scores"], "batch": batch, "tensors": t}
+        every = max(int(self.config.ppo.get("log_completions_every", 0) or 0), 0)
+        if every and (step + self.K - 1) // every > (step - 1) // every:
+            rows = [{"prompt": _text(prompts["prompt_text"][i]), "completion": texts[i],
+                     "reward": float(t["scores"][i]), "advantage": float(t["advantages"][i][:max(lengths[i], 1)].mean())}
+                    for i in range(min(B, int(self.config.ppo.get("num_completions_to_log", 8))))]
+            self.samples.write(step + 1, rows)
+        return batch, m
+
+
+def make_ppo_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) -> PPORollout:
+    return PPORollout(config=config, graphdef=graphdef, rest=rest, ref=ref, tokenizer=tokenizer, mesh=mesh,
+                      workdir=workdir)
+
+
+ALGORITHMS["ppo"] = Algorithm("ppo", "prompt_only", ppo_train_loss, ppo_eval, needs_reference=True,
+                              loss_prefixes=("ppo",), make_rollout=make_ppo_rollout, validate=validate_ppo_config,
+                              build_model=build_policy_value_model)

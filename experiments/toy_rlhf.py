@@ -1,0 +1,139 @@
+"""The RLHF pipeline of InstructGPT on the embedded toy task: SFT -> reward model -> PPO, ending with the per-axis
+table SFT vs PPO, the reward model's held-out accuracy and the KL to the reference.
+
+    python experiments/toy_rlhf.py --workdir=/tmp/align_jax_toy
+
+1. SFT: the SFT stage of experiments/toy_pipeline.py (an existing <workdir>/sft/export is reused).
+2. Reward model (configs/reward_model.py) from the SFT export on the toy task's soft-label preference pairs
+   (Bradley-Terry, scalar head at the last token); its accuracy on held-out pairs is reported.
+3. PPO (configs/ppo.py) from the SFT export: value model initialised from the reward model, frozen reference =
+   the SFT model, rollouts on the toy prompt-only set scored by the reward model (never by the gold reward).
+4. Both policies answer the held-out prompts greedily and are scored per axis by the toy task's programs.
+Writes <workdir>/results_ppo.json, results_ppo.md and ppo_training.png (reward-model score and KL per step).
+Each stage resumes from its own checkpoints if interrupted; a finished stage is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --sft_steps, --eval_prompts, ...)
+
+# 0 / None keep the configs' values.
+flags.DEFINE_integer("rm_steps", 120, "Reward-model steps (0 = configs/reward_model.py's default).")
+flags.DEFINE_integer("ppo_steps", 0, "PPO optimizer steps (rollouts x num_ppo_epochs x num_mini_batches).")
+flags.DEFINE_float("ppo_lr", None, "PPO learning rate (constant).")
+flags.DEFINE_float("kl_coef", None, "Per-token KL penalty coefficient.")
+flags.DEFINE_string("value_model", "", "reward_model | policy | shared.")
+FLAGS = flags.FLAGS
+
+
+def _metrics(path: str) -> tuple[list[dict], list[dict]]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return [m for m in rows if "loss" in m], [m for m in rows if any(k.startswith("eval/") for k in m)]
+
+
+def _mean(rows, key):
+    vals = [float(r[key]) for r in rows if key in r]
+    return sum(vals) / max(len(vals), 1)
+
+
+def plot_training(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax[0].plot(steps, [r["objective/scores"] for r in rows])
+    ax[0].set_title("reward-model score of the samples")
+    ax[1].plot(steps, [r["objective/kl"] for r in rows])
+    ax[1].set_title("KL(policy || SFT) per completion (k1 sum)")
+    ax[2].plot(steps, [r["loss/value_avg"] for r in rows])
+    ax[2].set_title("value loss")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    wd = FLAGS.workdir
+    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    t0 = time.time()
+
+    sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
+
+    rm = tp._config("reward_model")
+    rm.model.init_from = sft_path
+    rm.data.toy_dir, rm.data.data_dir = toy_dir, data_dir
+    rm.total_steps = FLAGS.rm_steps or rm.total_steps
+    rm.eval_every = 0
+    rm.checkpoint.every_steps = rm.total_steps
+    rm_wd = os.path.join(wd, "reward_model")
+    rm_path = tp._stage("reward_model", rm, rm_wd)
+
+    c = tp._config("ppo")
+    c.model.init_from = sft_path
+    c.ppo.reward_model = rm_path
+    c.data.toy_dir, c.data.data_dir = toy_dir, data_dir
+    if FLAGS.value_model:
+        c.ppo.value_model = FLAGS.value_model
+    if FLAGS.ppo_lr is not None:
+        c.optimizer.learning_rate = FLAGS.ppo_lr
+    if FLAGS.kl_coef is not None:
+        c.ppo.kl_coef = FLAGS.kl_coef
+    c.total_steps = FLAGS.ppo_steps or c.total_steps
+    c.checkpoint.every_steps = c.total_steps
+    c.log_every = 10
+    c.eval_generation = 0  # evaluated below, like the SFT model
+    ppo_wd = os.path.join(wd, "ppo")
+    t1 = time.time()
+    ppo_path = tp._stage("ppo", c, ppo_wd)
+    t_ppo = time.time() - t1
+
+    print("[eval] generating on held-out prompts ...")
+    sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    ppo = tp.evaluate_policy(ppo_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    rows, _ = _metrics(os.path.join(ppo_wd, "metrics.jsonl"))
+    _, rm_evals = _metrics(os.path.join(rm_wd, "metrics.jsonl"))
+    K = c.ppo.num_ppo_epochs * c.ppo.num_mini_batches
+    k = max(K, min(10 * K, len(rows) // 5 // K * K))  # whole rollouts
+    train_stats = {"score_first_steps": _mean(rows[:k], "objective/scores"),
+                   "score_last_steps": _mean(rows[-k:], "objective/scores"),
+                   "kl_last_steps": _mean(rows[-k:], "objective/kl"),
+                   "kl_per_token_last_steps": _mean(rows[-k:], "objective/kl") / max(
+                       _mean(rows[-k:], "completions/mean_length"), 1e-9),
+                   "reward_model_eval_accuracy": rm_evals[-1].get("eval/accuracy") if rm_evals else None,
+                   "window_steps": k, "ppo_seconds": t_ppo}
+    md = tp.table(sft, ppo, name="PPO")
+    acc = train_stats["reward_model_eval_accuracy"]
+    md += (f"\n\nReward model: held-out pair accuracy {acc:.3f}." if acc is not None else "")
+    md += (f"\nPPO training ({len(rows)} steps, {c.batch_size} prompts per rollout, {K} updates per rollout): "
+           f"reward-model score {train_stats['score_first_steps']:.3f} (first {k} steps) -> "
+           f"{train_stats['score_last_steps']:.3f} (last {k}); KL to the SFT reference "
+           f"{train_stats['kl_last_steps']:.3f} per completion = {train_stats['kl_per_token_last_steps']:.4f} per "
+           f"token (k1, mean of the last {k} steps).")
+    with open(os.path.join(wd, "results_ppo.json"), "w") as f:
+        json.dump({"sft": sft, "ppo": ppo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
+    with open(os.path.join(wd, "results_ppo.md"), "w") as f:
+        f.write(md + "\n")
+    plot_training(rows, os.path.join(wd, "ppo_training.png"))
+    print("\nSample PPO answers:")
+    for s in ppo["samples"][:4]:
+        print(f"  {s['prompt']!r} -> {s['completion']!r}")
+    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results_ppo.md, ppo_training.png)")
+
+
+if __name__ == "__main__":
+    app.run(main)

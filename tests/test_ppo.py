@@ -1,0 +1,240 @@
+"""PPO: the rollout math against a line-by-line numpy transcription of TRL's PPOTrainer, training end to end with
+each value-model option, exact resume after kill -9, config refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from align_jax.rl.ppo import ppo_advantages
+from align_jax.train import train
+from align_jax.train.validate import ConfigValueError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
+INVALID_LOGPROB = 1.0  # TRL's fill value for padded log-probs
+
+
+# ------------------------------------------------------------------ TRL PPOTrainer steps 3-6, transcribed to numpy
+
+
+def _trl_masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def _trl_masked_var(x, mask):
+    mean = _trl_masked_mean(x, mask)
+    var = _trl_masked_mean((x - mean) ** 2, mask)
+    return var * mask.sum() / (mask.sum() - 1)
+
+
+def _trl_masked_whiten(x, mask, shift_mean=True):
+    mean, var = _trl_masked_mean(x, mask), _trl_masked_var(x, mask)
+    w = (x - mean) / np.sqrt(var + 1e-8)
+    return w if shift_mean else w + mean
+
+
+def trl_reference(responses, scores, logprobs, ref_logprobs, values, *, pad, eos, kl_coef, kl_estimator, gamma,
+                  lam, whiten_rewards, missing_eos_penalty):
+    """TRL (trl/experimental/ppo/ppo_trainer.py, `train`), with `stop_token_id = eos`: responses are already
+    truncated after EOS and padded with `pad` (our sampler's output)."""
+    B, N = responses.shape
+    scores = scores.astype(np.float64).copy()
+    is_pad = responses == pad
+    sequence_lengths = np.where(is_pad.any(1), is_pad.argmax(1), N) - 1  # first_true_indices(... == pad) - 1
+    contain_eos = (responses == eos).any(-1)
+    if missing_eos_penalty is not None:
+        scores[~contain_eos] -= missing_eos_penalty
+    idx = np.tile(np.arange(N), (B, 1))
+    padding_mask = idx > sequence_lengths[:, None]
+    logprobs = np.where(padding_mask, INVALID_LOGPROB, logprobs)
+    ref_logprobs = np.where(padding_mask, INVALID_LOGPROB, ref_logprobs)
+    sequence_lengths_p1 = sequence_lengths + 1
+    padding_mask_p1 = idx > sequence_lengths_p1[:, None]
+    values = np.where(padding_mask_p1, 0.0, values)
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (np.exp(logr) - 1) - logr
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.copy()
+    actual_end = np.where(sequence_lengths_p1 < N, sequence_lengths_p1, sequence_lengths)
+    rewards[np.arange(B), actual_end] += scores
+    if whiten_rewards:
+        rewards = _trl_masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
+        rewards = np.where(padding_mask_p1, 0.0, rewards)
+    lastgaelam = 0.0
+    adv_reversed = []
+    for t in reversed(range(N)):
+        nextvalues = values[:, t + 1] if t < N - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        adv_reversed.append(lastgaelam)
+    advantages = np.stack(adv_reversed[::-1], axis=1)
+    returns = advantages + values
+    advantages = _trl_masked_whiten(advantages, ~padding_mask)
+    advantages = np.where(padding_mask, 0.0, advantages)
+    return {"scores": scores, "advantages": advantages, "returns": returns, "values": values, "kl": kl,
+            "padding_mask": padding_mask, "padding_mask_p1": padding_mask_p1, "rewards": rewards}
+
+
+@pytest.mark.parametrize("kl_estimator,whiten,penalty", [("k1", False, None), ("k3", True, 1.0),
+                                                         ("k1", True, 0.5)])
+def test_rollout_math_equals_trl(kl_estimator, whiten, penalty):
+    rng = np.random.default_rng(0)
+    B, N, pad, eos = 6, 7, 0, 2
+    lengths = [7, 3, 1, 5, 7, 2]  # rows 0 and 4 fill all N slots; row 0 ends without EOS, row 4 with EOS last
+    ids = rng.integers(3, 20, (B, N))
+    mask = np.zeros((B, N), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        if i != 0:
+            ids[i, n - 1] = eos
+        ids[i, n:] = pad
+    scores = rng.normal(size=B).astype(np.float32)
+    logps = -rng.uniform(0.1, 3, (B, N)).astype(np.float32)
+    ref = logps + rng.normal(0, 0.3, (B, N)).astype(np.float32)
+    values = rng.normal(size=(B, N)).astype(np.float32)
+    kw = dict(kl_coef=0.05, kl_estimator=kl_estimator, gamma=1.0, lam=0.95, whiten_rewards=whiten,
+              missing_eos_penalty=penalty)
+    ours = jax.jit(lambda *a: ppo_advantages(*a, eos_id=eos, **kw))(scores, logps, ref, values, ids, mask)
+    want = trl_reference(ids, scores, logps, ref, values, pad=pad, eos=eos, **kw)
+    m, vm = ~want["padding_mask"], ~want["padding_mask_p1"]
+    np.testing.assert_array_equal(np.asarray(ours["value_mask"]) > 0, vm)
+    np.testing.assert_allclose(ours["scores"], want["scores"], rtol=1e-6)
+    np.testing.assert_allclose(ours["kl"], np.where(m, want["kl"], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.where(vm, ours["rewards"], 0), want["rewards"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["advantages"], want["advantages"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["returns"], np.where(vm, want["returns"], 0), rtol=1e-5, atol=1e-5)
+    # the score sits on EOS + 1 (rows 1, 2, 3, 5) or on the last slot (rows 0 and 4), as TRL's actual_end
+    assert float(ours["scores"][0]) == pytest.approx(scores[0] - (penalty or 0.0), rel=1e-6)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def load_config(arg="tiny", **overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppo_cfg", os.path.join(ROOT, "configs", "ppo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.data.toy_dir = os.path.join(SHARED, "toy")
+    c.data.data_dir = os.path.join(SHARED, "tfds")
+    c.ppo.reward_model = _reward_model_dir()
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _reward_model_dir() -> str:
+    """A randomly initialised toy reward model in the reward-model trainer's export format (made once)."""
+    path = os.path.join(SHARED, "ppo_reward_model")
+    if not os.path.exists(os.path.join(path, "score_head.npy")):
+        from flax import nnx
+        from transformers import AutoTokenizer
+
+        from align_jax.data.toy import TOKENIZER_DIR, toy_model_config
+        from align_jax.models import from_hf_config
+        from align_jax.models.heads import ScalarHeadModel
+        from align_jax.train import setup
+
+        rm = ScalarHeadModel(from_hf_config(toy_model_config()), rngs=nnx.Rngs(7))
+        tmp = path + f".tmp{os.getpid()}"
+        setup.export(None, rm, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)), tmp)
+        os.makedirs(SHARED, exist_ok=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another worker made it first
+            pass
+    return path
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
+
+
+def _final_params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
+
+
+TRL_NAMES = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+             "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "eps",
+             "episode")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("ppo") / "straight")
+    train(load_config(), wd)
+    return wd
+
+
+def test_ppo_trains_with_trl_metric_names(straight_run):
+    m = metrics(straight_run)
+    assert sorted(m) == [1, 2, 3, 4]
+    for step in m.values():
+        for name in TRL_NAMES:
+            assert name in step and np.isfinite(step[name]), name
+    # two PPO epochs over one rollout: steps 1-2 share rollout 1 (same samples), 3-4 rollout 2
+    assert m[1]["objective/scores"] == m[2]["objective/scores"] != m[3]["objective/scores"]
+    assert m[2]["episode"] == 8 and m[4]["episode"] == 16
+    # at the first update the policy is the reference and pi_old: KL 0, ratio 1 (up to float noise)
+    assert m[1]["objective/kl"] == 0.0
+    assert abs(m[1]["val/ratio"] - 1.0) < 1e-5 and m[1]["policy/clipfrac_avg"] == 0.0
+    # the second pass over the same rollout moved the policy away from pi_old
+    assert m[2]["policy/approxkl_avg"] > m[1]["policy/approxkl_avg"]
+    assert m[3]["objective/kl"] != 0.0
+    rows = [json.loads(x) for x in open(os.path.join(straight_run, "samples.jsonl"))]
+    assert [r["step"] for r in rows][:1] == [1] and {"prompt", "completion", "reward"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("value_model", ["shared", "policy"])
+def test_value_model_options(tmp_path, value_model):
+    out = train(load_config(**{"ppo.value_model": value_model, "total_steps": 2}), str(tmp_path))
+    assert np.isfinite(out["loss"]) and out["loss/value_avg"] > 0
+
+
+def test_resume_after_kill9_is_bit_identical(straight_run, tmp_path):
+    killed = str(tmp_path / "killed")
+    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+            "import conftest\n"
+            "from test_ppo import load_config\n"
+            "from align_jax.train import train\n"
+            "train(load_config(debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
+    train(load_config(), killed)  # resumes at step 2: same prompts, same samples (sampler RNG), same updates
+    a, b = metrics(straight_run), metrics(killed)
+    for step in (3, 4):
+        for k in ("loss", "objective/scores", "objective/kl", "loss/value_avg", "grad_norm"):
+            assert a[step][k] == b[step][k], (step, k)
+    for x, y in zip(_final_params(straight_run, 4), _final_params(killed, 4)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"ppo.num_mini_batches": 3}, "ppo.num_mini_batches"),
+    ({"checkpoint.every_steps": 3}, "checkpoint.every_steps"),
+    ({"ppo.reward_model": "/nonexistent"}, "ppo.reward_model"),
+    ({"ppo.value_model": "bogus"}, "ppo.value_model"),
+    ({"ppo.kl_estimator": "k2"}, "ppo.kl_estimator"),
+    ({"loss.name": "dpo:sigmoid"}, "loss.name"),
+])
+def test_config_refusals_name_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigValueError, match=key.replace(".", r"\.")):
+        train(load_config(**override), str(tmp_path))

@@ -223,6 +223,16 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         jax.block_until_ready(metrics)
         return state, metrics
 
+    # XLA's own count of the floating-point operations of one compiled step, per padded length (for the roofline)
+    flops_by_len = {}
+    for rs in timed:
+        host = collate(rs)
+        L = host["chosen_input_ids"].shape[1]
+        if L not in flops_by_len:
+            cost = step_fn.lower(state, _to_device(host, mesh), ref_params).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops_by_len[L] = float(cost.get("flops", float("nan")))
+
     t0 = time.perf_counter()
     for rs in warm:
         state, metrics = one_step(state, rs)
@@ -232,10 +242,29 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         ends.append(time.perf_counter())
     tokens = sum(real_tokens(b) for b in timed)
     padded = sum(2 * batch_size * collate(b)["chosen_input_ids"].shape[1] for b in timed)
+    step_flops = sum(flops_by_len[collate(b)["chosen_input_ids"].shape[1]] for b in timed)
     return {"side": "align-jax", **_throughput(ends, [real_tokens(b) for b in timed]), "padded_tokens": padded,
+            "flops": step_flops, "flops_per_second": step_flops / (ends[-1] - ends[0]), "matmul_peak": matmul_peak(),
             "warmup_seconds": ends[0] - t0, "warmup_steps": len(warm),
             "padded_lengths": timed_shapes, "loss_last": float(metrics["loss"]),
             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}", "jax": jax.__version__}
+
+
+def matmul_peak(n: int = 1024, reps: int = 8) -> float:
+    """This machine's fp32 matmul rate in FLOP/s under XLA (best of `reps` [n, n] x [n, n] products): the ceiling
+    of any implementation of the same training step on it."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -363,6 +392,14 @@ def main():
                 ratio = res["jax"]["tokens_per_second"] / res["trl"]["tokens_per_second"]
                 med = res["jax"]["median_tokens_per_second"] / res["trl"]["median_tokens_per_second"]
                 print(f"    ratio: align-jax / TRL = {ratio:.2f}x (median steps: {med:.2f}x)")
+                j = res["jax"]
+                per_token = j["flops"] / j["tokens"]  # align-jax's FLOPs per real token (padding included)
+                need = 8 * res["trl"]["tokens_per_second"] * per_token
+                print(f"    roofline: align-jax's step runs {j['flops_per_second'] / 1e9:.1f} GFLOP/s (XLA cost "
+                      f"analysis, {per_token / 1e9:.2f} GFLOP per real token) = "
+                      f"{j['flops_per_second'] / j['matmul_peak']:.0%} of this machine's fp32 matmul peak "
+                      f"({j['matmul_peak'] / 1e9:.1f} GFLOP/s); 8x TRL would need {need / 1e9:.1f} GFLOP/s = "
+                      f"{need / j['matmul_peak']:.0%} of that peak")
                 summary.append((size, ratio, med))
     if summary:
         print("\nsummary (align-jax / TRL): " + ", ".join(f"{s}: {r:.2f}x (median {m:.2f}x)" for s, r, m in summary))

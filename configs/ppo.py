@@ -53,8 +53,8 @@ def get_config(arg: str = ""):
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_steps = 0
     c.batch_size = 64  # prompts per rollout
-    c.total_steps = 200  # optimizer steps = rollouts x num_ppo_epochs x num_mini_batches
-    c.checkpoint.every_steps = 100
+    c.total_steps = 120  # optimizer steps = rollouts x num_ppo_epochs x num_mini_batches (30 rollouts)
+    c.checkpoint.every_steps = 60  # a multiple of num_ppo_epochs x num_mini_batches
     c.eval_every = 0
     c.eval_generation = 100  # toy task: answer 100 held-out prompts greedily and score them per axis
     if "tiny" in arg.split(","):

@@ -202,10 +202,30 @@ def test_ppo_trains_with_trl_metric_names(straight_run):
     assert [r["step"] for r in rows][:1] == [1] and {"prompt", "completion", "reward"} <= set(rows[0])
 
 
-@pytest.mark.parametrize("value_model", ["shared", "policy"])
-def test_value_model_options(tmp_path, value_model):
-    out = train(load_config(**{"ppo.value_model": value_model, "total_steps": 2}), str(tmp_path))
+def test_shared_backbone_value_head_trains(tmp_path):
+    out = train(load_config(**{"ppo.value_model": "shared", "total_steps": 2}), str(tmp_path))
     assert np.isfinite(out["loss"]) and out["loss/value_avg"] > 0
+
+
+def test_value_model_initialisation():
+    """reward_model: the reward model's backbone and head; policy: a separate copy of the policy's backbone."""
+    from flax import nnx
+
+    from align_jax.parallel import make_mesh
+    from align_jax.rl.ppo import build_policy_value_model
+    from align_jax.rl.reward_model import load_reward_model
+
+    mesh = make_mesh(1, -1, 1)
+    rm = load_reward_model(_reward_model_dir())
+    pv = build_policy_value_model(load_config(), mesh)
+    np.testing.assert_array_equal(np.asarray(pv.value.score[...]), np.asarray(rm.score[...]))
+    np.testing.assert_array_equal(np.asarray(pv.value.backbone.embed[...]), np.asarray(rm.backbone.embed[...]))
+    pv = build_policy_value_model(load_config(**{"ppo.value_model": "policy"}), mesh)
+    np.testing.assert_array_equal(np.asarray(pv.value.backbone.embed[...]), np.asarray(pv.policy.embed[...]))
+    assert pv.value.backbone is not pv.policy
+    n_policy = sum(x.size for x in jax.tree.leaves(nnx.state(pv.policy, nnx.Param)))
+    n_all = sum(x.size for x in jax.tree.leaves(nnx.state(pv, nnx.Param)))
+    assert n_all == 2 * n_policy + pv.policy.config.hidden_size  # two backbones + the value head
 
 
 def test_resume_after_kill9_is_bit_identical(straight_run, tmp_path):

@@ -8,7 +8,11 @@ id that never fires (so every row runs N steps). Timed after one warm-up (compil
 `--repeats` interleaved rounds (see `run_interleaved`) is reported as B * N / seconds,
 with the median alongside (the machine may be shared).
 
-- `kv-cache`: `align_jax.sampling.generate` (jitted prefill + `lax.while_loop` decode with a KV cache).
+- `kv-cache`: `align_jax.sampling.generate` (jitted prefill + `lax.while_loop` decode with a KV cache; on CPU
+              the decode step multiplies by transposed [out, in] copies of the weights, made once per call, see
+              `align_jax.sampling.decode`).
+- `kv-cache, model layout`: the same sampler with the decode step run by the model's own cached forward
+              ([in, out] weights; `generate.TRANSPOSED_DECODE = False`), i.e. the sampler before that change.
 - `naive`:    one jitted `lax.fori_loop`; step n runs the full forward over the padded [B, P + N] buffer
               (mask = prompt mask + tokens generated so far) and takes the argmax at position P + n - 1.
 - `hf`:       transformers `model.generate(do_sample=False)` (torch CPU, default attention, KV cache), timed
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -45,6 +50,8 @@ from flax import nnx  # noqa: E402
 
 from align_jax.models import from_hf_config, init_model, load_pretrained, save_pretrained  # noqa: E402
 from align_jax.sampling import generate  # noqa: E402
+
+generate_module = importlib.import_module("align_jax.sampling.generate")  # (the package exports the function)
 
 
 def hf_config(a) -> dict:
@@ -149,10 +156,20 @@ def main():
         hf_model = build_checkpoint(a, d)
         model = load_pretrained(d)
     graphdef, state = nnx.split(model)
+    def kv_cache(transposed=None):
+        def run():
+            generate_module.TRANSPOSED_DECODE = transposed
+            try:
+                return np.asarray(generate(model, ids, mask, max_new_tokens=a.new, greedy=True,
+                                           eos_ids=(never,)).completion_ids)
+            finally:
+                generate_module.TRANSPOSED_DECODE = None
+        return run
+
     methods = {
-        "kv-cache (align_jax.sampling)": lambda: np.asarray(
-            generate(model, ids, mask, max_new_tokens=a.new, greedy=True, eos_ids=(never,)).completion_ids),
+        "kv-cache (align_jax.sampling)": kv_cache(),
         "naive full recompute (jitted)": lambda: np.asarray(naive_generate(graphdef, state, ids, mask, a.new)),
+        "kv-cache, model layout (before)": kv_cache(False),
     }
     if hf_model is not None:
         import torch
@@ -184,14 +201,16 @@ def main():
     for n in names:
         _, first, times = res[n]
         print(f"{n:<52} {first:>12.3f} {best[n]:>8.4f} {statistics.median(times):>9.4f} "
-              f"{new_tokens / best[n]:>10.0f} {best[n] / best[names[0]]:>17.1f}x")
+              f"{new_tokens / best[n]:>10.0f} {best[n] / best[names[0]]:>17.2f}x")
     hf_names = [n for n in names if n.startswith("transformers")]
-    line = f"speed-up of kv-cache (best times): {best[names[1]] / best[names[0]]:.1f}x vs naive recompute"
+    line = (f"speed-up of kv-cache (best times): {best[names[1]] / best[names[0]]:.1f}x vs naive recompute, "
+            f"{best[names[2]] / best[names[0]]:.2f}x vs the model-layout decode")
     if hf_names:
         line += (f", {min(best[n] for n in hf_names) / best[names[0]]:.1f}x vs transformers generate "
                  "(its faster thread setting)")
     print(line)
-    agree = {"naive": res[names[1]][0]} | ({"transformers": res[hf_names[0]][0]} if hf_names else {})
+    agree = ({"naive": res[names[1]][0], "model layout": res[names[2]][0]}
+             | ({"transformers": res[hf_names[0]][0]} if hf_names else {}))
     print("greedy token agreement with kv-cache: "
           + ", ".join(f"{k} {float((v == kv_ids).mean()):.4f}" for k, v in agree.items()))
 

@@ -17,6 +17,12 @@ Algorithm (one `jax.jit`):
 (The sampler thus appears once in the program; the decoder pass after the last token is unused, 1/N of
 the decode work. The loop carries h [R, D], not logits [R, V].)
 
+Decode step. With a few rows per step, a step costs about one read of every weight. On CPU (parameters on
+CPU devices) the loop therefore runs `decode.decode_step` on transposed [out, in] copies of the weights made
+once before the loop (`decode.decode_weights`; the kernels read that layout markedly faster), and the head
+uses a [V, D] copy; elsewhere (or with `TRANSPOSED_DECODE = False`) it runs the model's own cached forward.
+Both compute the same equations; logits agree to fp32 rounding. The prefill always uses the model.
+
 A row stops after emitting any id in `eos_ids` (that token is kept, mask 1); afterwards it gets `pad_id`,
 mask 0 and log-probs 0. The loop exits as soon as every row has stopped (`num_steps` < N then).
 
@@ -48,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax.models.llama import KVCache, Transformer, init_cache
 from align_jax.parallel.mesh import BATCH
+from align_jax.sampling.decode import decode_step, decode_weights, head_logits
 from align_jax.sampling.processors import sample_token
 
 
@@ -150,8 +157,8 @@ def _last_logits(model: Transformer, h_BxD):
     return jnp.einsum("bd,dv->bv", h_BxD, model.lm_head_DxV(), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "mesh"))
-def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, *, static, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "mesh", "transposed"))
+def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, *, static, mesh, transposed=False):
     model = nnx.merge(graphdef, state)
     B, Pl = prompt_ids_BxP.shape
     N, G, greedy, filter_top_k, filter_top_p = static
@@ -192,16 +199,23 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
         n, _, _, done_R, _ = carry
         return (n < N) & ~jnp.all(done_R)
 
+    w = decode_weights(model) if transposed else None  # before the loop: one transposed copy per call
+
     def body(carry):
         n, cache, h_RxD, done_R, bufs = carry
         m = nnx.merge(graphdef, state)
-        tok_R, lp_R, mlp_R = sample(_last_logits(m, h_RxD), jax.random.fold_in(rng, n))
+        logits_RxV = head_logits(w, h_RxD) if transposed else _last_logits(m, h_RxD)
+        tok_R, lp_R, mlp_R = sample(logits_RxV, jax.random.fold_in(rng, n))
         alive_R = ~done_R
         tok_R = jnp.where(alive_R, tok_R, pad_id)
         bufs = write(bufs, n, tok_R, alive_R, lp_R, mlp_R)
         done_R = done_R | (alive_R & is_stop(tok_R))
-        h_Rx1xD, cache = m(tok_R[:, None], None, (len_R + n)[:, None], cache=cache, return_hidden=True)
-        h_RxD = _constrain(h_Rx1xD[:, 0], mesh, ("batch", None))
+        if transposed:
+            h_RxD, cache = decode_step(m, w, tok_R, len_R + n, cache)
+        else:
+            h_Rx1xD, cache = m(tok_R[:, None], None, (len_R + n)[:, None], cache=cache, return_hidden=True)
+            h_RxD = h_Rx1xD[:, 0]
+        h_RxD = _constrain(h_RxD, mesh, ("batch", None))
         return n + 1, _constrain_cache(cache, mesh), h_RxD, done_R, bufs
 
     carry = (jnp.asarray(0, jnp.int32), cache, h_RxD, jnp.zeros((R,), bool), out_buffers())
@@ -210,6 +224,20 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
 
 
 # ------------------------------------------------------------------------------------------------ API
+
+
+TRANSPOSED_DECODE: bool | None = None  # None: on CPU only (see `decode`); False runs the model's cached forward
+
+
+def _transposed_decode(state) -> bool:
+    if TRANSPOSED_DECODE is not None:
+        return TRANSPOSED_DECODE
+    leaf = jax.tree.leaves(state)[0]
+    try:
+        platforms = {d.platform for d in leaf.devices()}
+    except Exception:  # a tracer: the sampler called under a transformation
+        platforms = {jax.default_backend()}
+    return platforms == {"cpu"}
 
 
 def _as_key(rng):
@@ -265,7 +293,7 @@ class Sampler:
             sh = NamedSharding(mesh, _spec(mesh, ids.shape, ("batch", None)))
             ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
         out = _generate_jit(graphdef, state, ids, mask, _as_key(rng), self.params.knobs(),
-                            static=self.params.static_key(), mesh=mesh)
+                            static=self.params.static_key(), mesh=mesh, transposed=_transposed_decode(state))
         if extra:
             out = dataclasses.replace(out, prompt_ids=out.prompt_ids[:, extra:], prompt_mask=out.prompt_mask[:, extra:])
         return out

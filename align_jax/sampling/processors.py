@@ -68,6 +68,14 @@ def token_logp(logits_BxV, tokens_B):
     return jnp.take_along_axis(logq_BxV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
 
+def greedy_logp(logits_BxV):
+    """log_softmax(logits)[argmax] = -log sum_v exp(logits_v - max): `token_logp` at the argmax, bit for bit
+    (there the shifted logit is exactly 0), without the gather."""
+    x = logits_BxV.astype(_F32)
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    return -jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
 def sample_token(logits_BxV, key, *, greedy: bool, temperature=1.0, top_k=0, top_p=1.0,
                  filter_top_k: bool | None = None, filter_top_p: bool | None = None):
     """One token per row. Returns (token, sampling logp, model logp).
@@ -79,7 +87,7 @@ def sample_token(logits_BxV, key, *, greedy: bool, temperature=1.0, top_k=0, top
     logits_BxV = logits_BxV.astype(_F32)
     if greedy:
         tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        model_logp_B = token_logp(logits_BxV, tok_B)
+        model_logp_B = greedy_logp(logits_BxV)
         return tok_B, model_logp_B, model_logp_B
     z_BxV = process_logits(logits_BxV, temperature, top_k, top_p, filter_top_k=filter_top_k,
                            filter_top_p=filter_top_p)

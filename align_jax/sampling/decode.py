@@ -1,0 +1,120 @@
+"""One-token decode step for the sampler's `lax.while_loop`, with the weights transposed once per call.
+
+At decode time every matrix product is [R, D] x [D, F] with R (rows) small: the step streams every weight
+from memory once and does little arithmetic with it, so its speed is the speed of reading the weights. On
+CPU the matmul kernels read an [F, D] ("output x input", torch's `Linear` layout) matrix, whose rows are
+contiguous dot products, markedly faster than the [D, F] layout the model stores (see
+benchmarks/sampler_speed.py). `decode_weights` makes those transposed copies once, before the loop (XLA would
+fold a transpose inside the loop back into the dot), and `decode_step` is `Transformer._call_cached` for one
+token per row written with them:
+
+    x = embed[token]
+    per layer:  a = rmsnorm(x);  q, k, v = a Wq, a Wk, a Wv (+ bias; per-head RMSNorm on q, k for Qwen3);
+                RoPE at `pos`; k, v written to slot `cache.end`;
+                p = softmax(q k^T / sqrt(E), masked to valid slots <= end) over the S slots (fp32);
+                h = x + (p v) Wo (+ bias);  x = h + down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
+    returns rmsnorm_final(x) [R, D] and the cache (end + 1)
+
+Same equations, dtypes and cache as the model's cached forward; only the operand layout of the matrix
+products (hence the order of the fp32 additions inside them) differs, so logits agree with the full forward
+to fp32 rounding (tests/test_sampling.py checks 1e-5). The copies cost one extra read and write of the
+weights per `generate` call, and their memory while it runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from align_jax.models.llama import KVCache, Transformer, _NEG, apply_rope, cached_attention_mask_BxTxS, rope_cos_sin
+
+
+def decode_weights(model: Transformer) -> dict:
+    """Transposed ([out, in]) copies in the compute dtype. Per layer: qkv [(H + 2K) * E, D] (q, k, v stacked:
+    one product instead of three), o [D, H * E], gate_up [2F, D] (gate, up stacked), down [D, F]; the output
+    head [V, D] (the embedding itself when tied). Stacking changes no result: each output row is its own dot
+    product over D."""
+    c = model.config
+    dt = c.compute_dtype
+
+    def t(w, n_in):  # [in..., out...] -> [out, in]
+        return w.astype(dt).reshape(n_in, -1).T
+
+    D = c.hidden_size
+    layers = []
+    for block in model.layers:
+        a, m = block.attn, block.mlp
+        layers.append(dict(qkv=jnp.concatenate([t(a.q[...], D), t(a.k[...], D), t(a.v[...], D)], 0),
+                           o=t(a.o[...], c.num_attention_heads * c.head_dim),
+                           gate_up=jnp.concatenate([t(m.gate[...], D), t(m.up[...], D)], 0),
+                           down=t(m.down[...], c.intermediate_size)))
+    head = model.embed[...] if c.tie_word_embeddings else model.lm_head[...].T
+    return dict(layers=layers, head_VxD=head.astype(dt))
+
+
+def _mm(x_RxD, w_FxD):
+    return jnp.einsum("rd,fd->rf", x_RxD, w_FxD)
+
+
+def head_logits(w: dict, h_RxD):
+    """Logits [R, V] (fp32) = h @ head (the [V, D] copy of `decode_weights`)."""
+    return jnp.einsum("rd,vd->rv", h_RxD, w["head_VxD"], preferred_element_type=jnp.float32)
+
+
+def _attention(block, w, x_RxD, cos, sin, mask_RxS, k_cache, v_cache, end):
+    """`Attention.__call__` with kv= for T = 1 (cos/sin [R, 1, E], caches [R, K, S, E])."""
+    c, dt = block.attn.c, x_RxD.dtype
+    R = x_RxD.shape[0]
+    H, K, E = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    attn = block.attn
+    qkv = _mm(x_RxD, w["qkv"])
+    q = qkv[:, :H * E].reshape(R, 1, H, E)
+    k = qkv[:, H * E:(H + K) * E].reshape(R, 1, K, E)
+    v = qkv[:, (H + K) * E:].reshape(R, 1, K, E)
+    if c.attention_bias:
+        q, k, v = q + attn.q_bias[...].astype(dt), k + attn.k_bias[...].astype(dt), v + attn.v_bias[...].astype(dt)
+    if c.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), end, axis=2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), end, axis=2)
+    qg = q.reshape(R, K, H // K, E)
+    scores = jnp.einsum("rkge,rkse->rkgs", qg, k_cache.astype(dt), preferred_element_type=jnp.float32)
+    scores = scores * (E ** -0.5)
+    scores = jnp.where(mask_RxS[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("rkgs,rkse->rkge", probs, v_cache.astype(dt)).reshape(R, H * E)
+    y = _mm(out, w["o"])
+    if c.o_bias:
+        y = y + attn.o_bias[...].astype(dt)
+    return y, k_cache, v_cache
+
+
+def _mlp(mlp, w, x_RxD):
+    dt = x_RxD.dtype
+    gu = _mm(x_RxD, w["gate_up"])
+    g, u = jnp.split(gu, 2, axis=-1)
+    if mlp.bias:
+        g, u = g + mlp.gate_bias[...].astype(dt), u + mlp.up_bias[...].astype(dt)
+    y = _mm(jax.nn.silu(g) * u, w["down"])
+    if mlp.bias:
+        y = y + mlp.down_bias[...].astype(dt)
+    return y
+
+
+def decode_step(model: Transformer, w: dict, tokens_R, positions_R, cache: KVCache):
+    """Appends one token per row at slot `cache.end` (position `positions_R`); returns the final hidden
+    state [R, D] and the new cache. Equals `model(tokens[:, None], None, positions[:, None], cache=cache,
+    return_hidden=True)` up to fp32 rounding."""
+    c = model.config
+    mask_Rx1xS, valid_RxS = cached_attention_mask_BxTxS(cache, None, 1)
+    cos, sin = rope_cos_sin(model.inv_freq[...], positions_R[:, None], c.compute_dtype)
+    x = jnp.take(model.embed[...], tokens_R, axis=0).astype(c.compute_dtype)
+    ks, vs = [], []
+    for block, wl, k, v in zip(model.layers, w["layers"], cache.k, cache.v):
+        a, k, v = _attention(block, wl, block.input_norm(x), cos, sin, mask_Rx1xS[:, 0], k, v, cache.end)
+        h = x + a
+        x = h + _mlp(block.mlp, wl, block.post_attn_norm(h))
+        ks.append(k)
+        vs.append(v)
+    return model.final_norm(x), KVCache(ks, vs, valid_RxS, cache.end + 1)

@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
     c.ppo.num_ppo_epochs = 4  # passes over each rollout (TRL default 4)
     c.ppo.num_mini_batches = 1  # minibatches per pass (TRL default 1); batch_size must divide
     c.ppo.response_length = 12  # N new tokens at most (TRL default 53; toy answers are <= 7 tokens with EOS)
+    # Sampling always stops after EOS (TRL with stop_token="eos"; TRL's default stop_token=None never stops).
     c.ppo.temperature = 0.7  # sampling temperature, also used for the log-probs (TRL default 0.7)
     c.ppo.kl_coef = 0.05  # per-token KL penalty coefficient (TRL default 0.05)
     c.ppo.kl_estimator = "k1"  # k1 (log ratio, TRL default) | k3
@@ -47,12 +48,15 @@ def get_config(arg: str = ""):
     c.data.max_prompt_length = 24  # the fixed prompt bucket (toy prompts are <= 21 tokens with the template)
     c.data.max_length = 24
     c.data.length_buckets = (24,)
-    # tuned on the toy task (experiments/toy_rlhf.py); TRL's default learning rate 3e-6 is for billion-parameter
-    # models
+    # tuned on the toy task (experiments/toy_rlhf.py); TRL's PPOConfig inherits transformers' 5e-5 and its
+    # example commands use 3e-6 for billion-parameter models
     c.optimizer.learning_rate = 1e-4
+    # TRL decays linearly, stepping its scheduler once per rollout; constant here (the toy run is short).
+    # "linear" decays per optimizer step (K times per rollout): the same line, sampled more finely.
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_steps = 0
-    c.batch_size = 64  # prompts per rollout
+    c.optimizer.max_grad_norm = 0.0  # TRL's PPOTrainer never clips gradients
+    c.batch_size = 64  # prompts per rollout (TRL: per_device_train_batch_size 8 x grad accum x devices)
     c.total_steps = 120  # optimizer steps = rollouts x num_ppo_epochs x num_mini_batches (30 rollouts)
     c.checkpoint.every_steps = 60  # a multiple of num_ppo_epochs x num_mini_batches
     c.eval_every = 0

@@ -109,7 +109,12 @@ def test_rollout_math_equals_trl(kl_estimator, whiten, penalty):
     np.testing.assert_allclose(ours["advantages"], want["advantages"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours["returns"], np.where(vm, want["returns"], 0), rtol=1e-5, atol=1e-5)
     # the score sits on EOS + 1 (rows 1, 2, 3, 5) or on the last slot (rows 0 and 4), as TRL's actual_end
-    assert float(ours["scores"][0]) == pytest.approx(scores[0] - (penalty or 0.0), rel=1e-6)
+    if not whiten:
+        score_at = np.where(vm, np.asarray(ours["rewards"]) + 0.05 * np.asarray(ours["kl"]), 0.0)
+        expected = np.zeros((B, N))
+        expected[np.arange(B), [6, 3, 1, 5, 6, 2]] = want["scores"]
+        np.testing.assert_allclose(score_at, expected, rtol=1e-5, atol=1e-5)
+    assert float(ours["scores"][0]) == pytest.approx(scores[0] - (penalty or 0.0), rel=1e-6)  # row 0: no EOS
 
 
 # ------------------------------------------------------------------ end to end
@@ -172,7 +177,7 @@ def _final_params(workdir, step):
 
 TRL_NAMES = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
              "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-             "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "eps",
+             "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_token_var", "val/num_eos_tokens", "eps",
              "episode")
 
 

@@ -36,14 +36,25 @@ restarts with a fresh rollout from restored params, data iterator and step, bit-
 stopped.
 
 Logged with TRL's PPO metric names. Per rollout (repeated on its K steps): `objective/kl` = mean over rollouts
-of Σ_t KL_t, `objective/entropy` = mean of Σ_t −log π_old, `objective/non_score_reward` = mean of Σ_t
-−kl_coef·KL_t, `objective/scores` = mean score (after the EOS penalty), `objective/rlhf_reward` = the sum of the
-last two, `val/num_eos_tokens`, `eps` (episodes per second of the rollout), `episode`, plus
-`completions/mean_length`, `completions/clipped_ratio`, `rollout_seconds`. Per step (one minibatch; TRL
-averages the same quantities over the K updates of a rollout): `policy/approxkl_avg`, `policy/clipfrac_avg`,
-`loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`, `policy/entropy_avg`, `val/ratio`, `val/ratio_var`,
-`val/vpred`. Differences from TRL's bookkeeping, all on padding: TRL fills padded log-probs with 1.0 and takes
-some means over all B·N slots (entropy, approxkl, ratio); here every mean is over the mask.
+of Σ_t KL_t, `objective/entropy` = mean of Σ_t −log π_old over all N slots with TRL's fill value 1.0 for
+padded log-probs (so it is Σ_m −log π_old − (N − length); TRL's definition, kept for comparability),
+`objective/non_score_reward` = mean of Σ_t −kl_coef·KL_t, `objective/scores` = mean score (after the EOS
+penalty), `objective/rlhf_reward` = the sum of the last two, `val/num_eos_tokens`, `episode`, `eps` (episodes
+sampled by this process / its seconds since its first rollout, an int as TRL; measured after sampling, before
+the rollout's updates), plus `completions/mean_length`, `completions/clipped_ratio`, `rollout_seconds`. Per
+step (one minibatch; TRL averages the same quantities over the K updates of a rollout, i.e. the mean of our K
+steps): `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`,
+`policy/entropy_avg`, `val/ratio`, and our own `val/vpred` and `val/ratio_token_var` (variance of the ratio over
+the minibatch's tokens). TRL's `val/ratio_var` is the variance of the K per-update mean ratios of a rollout:
+compute it from the logged `val/ratio` of those K steps. Differences in TRL's bookkeeping on padding: TRL
+takes approxkl, ratio and entropy means over all B·N slots (padding included, with padded diffs 0); here those
+means are over the mask.
+
+Differences from TRL, all deliberate: π_old is recomputed by a full forward after sampling (TRL takes it from
+the generation-time scores); logits are divided by T (TRL by T + 1e-7); rewards and advantages are whitened
+over the whole rollout (TRL per process); masks come from the sampler's stop-after-EOS mask, so EOS is always
+a real token (TRL builds masks from `!= pad_token_id`, which drops EOS when pad == eos: the two agree exactly
+when the tokenizer's pad and EOS differ, as for the toy tokenizer).
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ import numpy as np
 from flax import nnx
 
 from align_jax import losses
-from align_jax.losses.common import masked_count, masked_mean, masked_sum, safe_div
+from align_jax.losses.common import clamped_exp, masked_count, masked_mean, masked_sum, safe_div
 from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.models.llama import Transformer
 from align_jax.ops import token_logps
@@ -200,7 +211,7 @@ def ppo_advantages(scores_R, logps_RxN, ref_logps_RxN, values_RxN, completion_id
     # slot of the value mask.
     rewards = losses.kl_penalized_rewards(scores, logp, ref, value_mask, kl_coef=kl_coef, kl_estimator=kl_estimator)
     logr = ref - logp
-    kl = jnp.where(m > 0, -logr if kl_estimator == "k1" else jnp.expm1(logr) - logr, 0.0)
+    kl = jnp.where(m > 0, -logr if kl_estimator == "k1" else (clamped_exp(logr) - 1.0) - logr, 0.0)  # as the rewards
     if whiten_rewards:
         rewards = losses.masked_whiten(rewards, value_mask, shift_mean=False)
     values = jnp.where(value_mask > 0, values_RxN, 0.0)
@@ -245,13 +256,13 @@ def ppo_train_loss(model: PolicyValueModel, batch, ref_model, cfg):
     pg_loss, pm = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], m, clip=p.cliprange)
     vf_loss, vmet = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], vm,
                                           clip_value=p.cliprange_value)
-    ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(logps) - batch["old_logps"], -20.0, 20.0))
+    ratio = clamped_exp(jax.lax.stop_gradient(logps) - batch["old_logps"])  # as in the policy loss
     ratio_mean = masked_mean(ratio, m)
     metrics = {"policy/approxkl_avg": pm["policy/approxkl"], "policy/clipfrac_avg": pm["policy/clipfrac"],
                "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "val/clipfrac_avg": vmet["val/clipfrac"],
                "val/vpred": vmet["val/vpred"],
                "policy/entropy_avg": safe_div(masked_sum(jax.lax.stop_gradient(entropy), m), masked_count(m)),
-               "val/ratio": ratio_mean, "val/ratio_var": masked_mean((ratio - ratio_mean) ** 2, m)}
+               "val/ratio": ratio_mean, "val/ratio_token_var": masked_mean((ratio - ratio_mean) ** 2, m)}
     return pg_loss + p.vf_coef * vf_loss, metrics
 
 
@@ -296,6 +307,7 @@ class PPORollout:
         self.samples = _SampleLog(workdir)
         self.cache = None  # (block, full rollout batch, metrics)
         self.last = None
+        self.t_start = None  # (time, episodes) at this process's first rollout, for `eps`
 
     def __call__(self, params, next_batch, step: int):
         p = self.config.ppo
@@ -335,16 +347,21 @@ class PPORollout:
         kl_coef = self.config.ppo.kl_coef
         lengths = comp_mask.sum(1)
         non_score = (-kl_coef * t["kl"]).sum(1).mean()
-        dt = time.perf_counter() - t0
+        now = time.perf_counter()
+        dt = now - t0
+        episode = (step // self.K + 1) * B
+        if self.t_start is None:
+            self.t_start = (t0, episode - B)
+        eps = int((episode - self.t_start[1]) / max(now - self.t_start[0], 1e-9))
         m = {"objective/kl": float(t["kl"].sum(1).mean()),
-             "objective/entropy": float((-t["logps"]).sum(1).mean()),
+             "objective/entropy": float((-np.where(comp_mask > 0, t["logps"], 1.0)).sum(1).mean()),  # TRL
              "objective/non_score_reward": float(non_score),
              "objective/rlhf_reward": float(non_score + t["scores"].mean()),
              "objective/scores": float(t["scores"].mean()),
              "val/num_eos_tokens": float(((comp_ids == self.eos) & (comp_mask > 0)).sum()),
              "completions/mean_length": float(lengths.mean()),
              "completions/clipped_ratio": float(1.0 - t["contain_eos"].mean()),
-             "episode": float((step // self.K + 1) * B), "eps": B / max(dt, 1e-9), "rollout_seconds": dt}
+             "episode": float(episode), "eps": float(eps), "rollout_seconds": dt}
         texts = self.tokenizer.batch_decode([r[:n].tolist() for r, n in zip(comp_ids, lengths)],
                                             skip_special_tokens=True)
         self.last = {"step": step, "prompts": list(prompts["prompt_text"]), "completions": texts,

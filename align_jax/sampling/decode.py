@@ -11,7 +11,8 @@ token per row written with them:
     x = embed[token]
     per layer:  a = rmsnorm(x);  q, k, v = a Wq, a Wk, a Wv (+ bias; per-head RMSNorm on q, k for Qwen3);
                 RoPE at `pos`; k, v written to slot `cache.end`;
-                p = softmax(q k^T / sqrt(E), masked to valid slots <= end) over the S slots (fp32);
+                p = softmax(q k^T / sqrt(E), masked to valid slots <= end) over the S slots (fp32; both
+                products as broadcast multiply + sum, faster than XLA:CPU's batched dots at one query);
                 h = x + (p v) Wo (+ bias);  x = h + down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
     returns rmsnorm_final(x) [R, D] and the cache (end + 1)
 
@@ -78,12 +79,16 @@ def _attention(block, w, x_RxD, cos, sin, mask_RxS, k_cache, v_cache, end):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), end, axis=2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), end, axis=2)
-    qg = q.reshape(R, K, H // K, E)
-    scores = jnp.einsum("rkge,rkse->rkgs", qg, k_cache.astype(dt), preferred_element_type=jnp.float32)
+    # One query per row: the two attention products are broadcast multiply + reduce rather than batched dots
+    # (XLA:CPU runs R*K tiny [G, E] x [E, S] dots several times slower; same sums, fp32 rounding order only).
+    f32 = jnp.float32
+    qg = q.reshape(R, K, H // K, 1, E).astype(f32)
+    scores = jnp.sum(qg * k_cache[:, :, None].astype(f32), axis=-1)  # [R, K, G, S]
     scores = scores * (E ** -0.5)
     scores = jnp.where(mask_RxS[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("rkgs,rkse->rkge", probs, v_cache.astype(dt)).reshape(R, H * E)
+    out = jnp.sum((probs[..., None] * v_cache[:, :, None].astype(dt)).astype(f32), axis=-2)  # [R, K, G, E]
+    out = out.astype(dt).reshape(R, H * E)
     y = _mm(out, w["o"])
     if c.o_bias:
         y = y + attn.o_bias[...].astype(dt)

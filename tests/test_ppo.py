@@ -263,3 +263,15 @@ def test_resume_after_kill9_is_bit_identical(straight_run, tmp_path):
 def test_config_refusals_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigValueError, match=key.replace(".", r"\.")):
         train(load_config(**override), str(tmp_path))
+
+
+def test_grpo_with_a_trained_reward_model_as_reward(tmp_path):
+    """The same reward-model export as a GRPO reward ("rm:<dir>"): scores logged per function, finite."""
+    from test_grpo import load_config as grpo_config
+
+    spec = "rm:" + _reward_model_dir()
+    c = grpo_config(**{"total_steps": 2, "checkpoint.every_steps": 2})
+    c.rewards.functions, c.rewards.weights = (spec,), (1.0,)
+    out = train(c, str(tmp_path))
+    assert np.isfinite(out[f"rewards/{spec}/mean"]) and out[f"rewards/{spec}/num_failed"] == 0
+    assert out[f"rewards/{spec}/std"] > 0  # a random reward model still scores different completions differently

@@ -117,6 +117,45 @@ def test_rollout_math_equals_trl(kl_estimator, whiten, penalty):
     assert float(ours["scores"][0]) == pytest.approx(scores[0] - (penalty or 0.0), rel=1e-6)  # row 0: no EOS
 
 
+def test_minibatch_losses_equal_trl():
+    """TRL PPOTrainer's minibatch block (pg_losses/pg_losses2, vf_losses1/2 with `cliprange_value`, masked means
+    over ~padding_mask and ~padding_mask_p1, the clip fractions) vs the loss library on the same arrays."""
+    from align_jax import losses
+
+    rng = np.random.default_rng(1)
+    B, N = 5, 6
+    lengths = np.array([6, 2, 4, 1, 5])
+    t = np.arange(N)[None]
+    padding_mask = t > (lengths - 1)[:, None]
+    padding_mask_p1 = t > lengths[:, None]
+    old = -rng.uniform(0.1, 2, (B, N))
+    new = old + rng.normal(0, 0.3, (B, N))
+    adv = rng.normal(size=(B, N))
+    vpred, old_v, ret = rng.normal(size=(B, N)), rng.normal(size=(B, N)), rng.normal(size=(B, N))
+    cliprange, cliprange_value = 0.2, 0.2
+    # TRL (float64)
+    new_f = np.where(padding_mask, INVALID_LOGPROB, new)
+    old_f = np.where(padding_mask, INVALID_LOGPROB, old)
+    vpred_f = np.where(padding_mask_p1, 0.0, vpred)
+    vclip = np.clip(vpred_f, old_v - cliprange_value, old_v + cliprange_value)
+    vf1, vf2 = (vpred_f - ret) ** 2, (vclip - ret) ** 2
+    vf_loss = 0.5 * _trl_masked_mean(np.maximum(vf1, vf2), ~padding_mask_p1)
+    vf_clipfrac = _trl_masked_mean((vf2 > vf1).astype(float), ~padding_mask_p1)
+    ratio = np.exp(new_f - old_f)
+    pg1, pg2 = -adv * ratio, -adv * np.clip(ratio, 1 - cliprange, 1 + cliprange)
+    pg_loss = _trl_masked_mean(np.maximum(pg1, pg2), ~padding_mask)
+    pg_clipfrac = _trl_masked_mean((pg2 > pg1).astype(float), ~padding_mask)
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    ours_pg, pm = losses.ppo_policy_loss(f32(new), f32(old), f32(adv), f32(~padding_mask), clip=cliprange)
+    ours_vf, vm = losses.ppo_value_loss(f32(vpred), f32(old_v), f32(ret), f32(~padding_mask_p1),
+                                        clip_value=cliprange_value)
+    np.testing.assert_allclose(float(ours_pg), pg_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(ours_vf), vf_loss, rtol=1e-5, atol=1e-6)
+    assert float(pm["policy/clipfrac"]) == pytest.approx(pg_clipfrac, abs=1e-6)
+    assert float(vm["val/clipfrac"]) == pytest.approx(vf_clipfrac, abs=1e-6)
+    assert 0 < pg_clipfrac < 1 and 0 < vf_clipfrac < 1  # both clip branches are exercised
+
+
 # ------------------------------------------------------------------ end to end
 
 

@@ -37,34 +37,6 @@ flags.DEFINE_list("rewards", None, "Reward functions (registered names or module
 FLAGS = flags.FLAGS
 
 
-def _metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [m for m in map(json.loads, f) if "loss" in m]
-
-
-def _mean(rows, key):
-    vals = [float(r[key]) for r in rows if key in r]
-    return sum(vals) / max(len(vals), 1)
-
-
-def plot_training(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot(steps, [r["reward"] for r in rows])
-    ax[0].set_title("GRPO: mean reward of the samples")
-    ax[1].plot(steps, [r.get("kl", float("nan")) for r in rows])
-    ax[1].set_title("KL(policy || SFT reference), k3, per token")
-    for a in ax:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -74,9 +46,8 @@ def main(argv):
 
     sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
 
-    c = tp._config("grpo")
+    c = tp._config("grpo", wd)
     c.model.init_from = sft_path
-    c.data.toy_dir, c.data.data_dir = toy_dir, data_dir
     c.loss.name = FLAGS.grpo_loss or c.loss.name
     if FLAGS.beta is not None:
         c.loss.kwargs.beta = FLAGS.beta
@@ -101,10 +72,10 @@ def main(argv):
     print("[eval] generating on held-out prompts ...")
     sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
     grpo = tp.evaluate_policy(grpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    rows = _metrics(os.path.join(grpo_wd, "metrics.jsonl"))
+    rows, _ = tp.read_metrics(os.path.join(grpo_wd, "metrics.jsonl"))
     k = max(1, min(10, len(rows) // 5))
-    train_stats = {"reward_first_steps": _mean(rows[:k], "reward"), "reward_last_steps": _mean(rows[-k:], "reward"),
-                   "kl_last_steps": _mean(rows[-k:], "kl"), "entropy_last_steps": _mean(rows[-k:], "entropy"),
+    train_stats = {"reward_first_steps": tp.mean(rows[:k], "reward"), "reward_last_steps": tp.mean(rows[-k:], "reward"),
+                   "kl_last_steps": tp.mean(rows[-k:], "kl"), "entropy_last_steps": tp.mean(rows[-k:], "entropy"),
                    "window": k, "grpo_seconds": t_grpo}
     md = tp.table(sft, grpo, name="GRPO")
     md += (f"\n\nGRPO training ({len(rows)} steps, {c.batch_size} prompts x {c.grpo.num_generations} samples): "
@@ -115,7 +86,8 @@ def main(argv):
         json.dump({"sft": sft, "grpo": grpo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
     with open(os.path.join(wd, "results_grpo.md"), "w") as f:
         f.write(md + "\n")
-    plot_training(rows, os.path.join(wd, "grpo_reward.png"))
+    tp.plot_curves(rows, [("reward", "GRPO: mean reward of the samples"),
+                          ("kl", "KL(policy || SFT reference), k3, per token")], os.path.join(wd, "grpo_reward.png"))
     print("\nSample GRPO answers:")
     for s in grpo["samples"][:4]:
         print(f"  {s['prompt']!r} -> {s['completion']!r}")

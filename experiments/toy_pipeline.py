@@ -35,14 +35,48 @@ AXES = [("gold_reward", "gold reward", True), ("correctness", "correctness", Tru
         ("preference_accuracy", "held-out preference accuracy", True)]
 
 
-def _config(name: str):
+def _config(name: str, wd: str | None = None):
+    """configs/<name>.py's default config; with `wd`, reading the toy task's files from <wd>/toy_data and
+    building its TFDS datasets in <wd>/tfds (shared by every stage of an experiment)."""
     import importlib.util
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config("")
+    c = mod.get_config("")
+    if wd is not None:
+        c.data.toy_dir, c.data.data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    return c
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl split into (training steps, evaluations)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return [m for m in rows if "loss" in m], [m for m in rows if any(k.startswith("eval/") for k in m)]
+
+
+def mean(rows: list[dict], key: str) -> float:
+    vals = [float(r[key]) for r in rows if key in r]
+    return sum(vals) / max(len(vals), 1)
+
+
+def plot_curves(rows: list[dict], panels: list[tuple[str, str]], path: str) -> None:
+    """One panel per (metric key, title) against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for a, (key, title) in zip(ax[0], panels):
+        a.plot(steps, [r.get(key, float("nan")) for r in rows])
+        a.set_title(title)
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _stage(name, config, workdir):
@@ -61,8 +95,7 @@ def _stage(name, config, workdir):
 
 def sft_stage(wd: str, steps: int = 0) -> str:
     """SFT from random init on the toy corpus in <wd>/sft (shared by the DPO and GRPO experiments)."""
-    cfg = _config("sft")
-    cfg.data.toy_dir, cfg.data.data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    cfg = _config("sft", wd)
     if steps:
         cfg.total_steps = steps
     return _stage("sft", cfg, os.path.join(wd, "sft"))
@@ -127,11 +160,10 @@ def main(argv):
 
     sft_path = sft_stage(wd, FLAGS.sft_steps)
 
-    dpo_cfg = _config("dpo")
+    dpo_cfg = _config("dpo", wd)
     dpo_cfg.model.init_from = sft_path
     dpo_cfg.loss.name = FLAGS.dpo_loss
     dpo_cfg.eval_generation = 0  # the pipeline evaluates both policies itself below
-    dpo_cfg.data.toy_dir, dpo_cfg.data.data_dir = toy_dir, data_dir
     if FLAGS.dpo_steps:
         dpo_cfg.total_steps = FLAGS.dpo_steps
     dpo_path = _stage("dpo", dpo_cfg, os.path.join(wd, "dpo"))

@@ -34,37 +34,6 @@ flags.DEFINE_string("value_model", "", "reward_model | policy | shared.")
 FLAGS = flags.FLAGS
 
 
-def _metrics(path: str) -> tuple[list[dict], list[dict]]:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    return [m for m in rows if "loss" in m], [m for m in rows if any(k.startswith("eval/") for k in m)]
-
-
-def _mean(rows, key):
-    vals = [float(r[key]) for r in rows if key in r]
-    return sum(vals) / max(len(vals), 1)
-
-
-def plot_training(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot(steps, [r["objective/scores"] for r in rows])
-    ax[0].set_title("reward-model score of the samples")
-    ax[1].plot(steps, [r["objective/kl"] for r in rows])
-    ax[1].set_title("KL(policy || SFT) per completion (k1 sum)")
-    ax[2].plot(steps, [r["loss/value_avg"] for r in rows])
-    ax[2].set_title("value loss")
-    for a in ax:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -74,19 +43,17 @@ def main(argv):
 
     sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
 
-    rm = tp._config("reward_model")
+    rm = tp._config("reward_model", wd)
     rm.model.init_from = sft_path
-    rm.data.toy_dir, rm.data.data_dir = toy_dir, data_dir
     rm.total_steps = FLAGS.rm_steps or rm.total_steps
     rm.eval_every = 0
     rm.checkpoint.every_steps = rm.total_steps
     rm_wd = os.path.join(wd, "reward_model")
     rm_path = tp._stage("reward_model", rm, rm_wd)
 
-    c = tp._config("ppo")
+    c = tp._config("ppo", wd)
     c.model.init_from = sft_path
     c.ppo.reward_model = rm_path
-    c.data.toy_dir, c.data.data_dir = toy_dir, data_dir
     if FLAGS.value_model:
         c.ppo.value_model = FLAGS.value_model
     if FLAGS.ppo_lr is not None:
@@ -105,15 +72,15 @@ def main(argv):
     print("[eval] generating on held-out prompts ...")
     sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
     ppo = tp.evaluate_policy(ppo_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    rows, _ = _metrics(os.path.join(ppo_wd, "metrics.jsonl"))
-    _, rm_evals = _metrics(os.path.join(rm_wd, "metrics.jsonl"))
+    rows, _ = tp.read_metrics(os.path.join(ppo_wd, "metrics.jsonl"))
+    _, rm_evals = tp.read_metrics(os.path.join(rm_wd, "metrics.jsonl"))
     K = c.ppo.num_ppo_epochs * c.ppo.num_mini_batches
     k = max(K, min(10 * K, len(rows) // 5 // K * K))  # whole rollouts
-    train_stats = {"score_first_steps": _mean(rows[:k], "objective/scores"),
-                   "score_last_steps": _mean(rows[-k:], "objective/scores"),
-                   "kl_last_steps": _mean(rows[-k:], "objective/kl"),
-                   "kl_per_token_last_steps": _mean(rows[-k:], "objective/kl") / max(
-                       _mean(rows[-k:], "completions/mean_length"), 1e-9),
+    train_stats = {"score_first_steps": tp.mean(rows[:k], "objective/scores"),
+                   "score_last_steps": tp.mean(rows[-k:], "objective/scores"),
+                   "kl_last_steps": tp.mean(rows[-k:], "objective/kl"),
+                   "kl_per_token_last_steps": tp.mean(rows[-k:], "objective/kl") / max(
+                       tp.mean(rows[-k:], "completions/mean_length"), 1e-9),
                    "reward_model_eval_accuracy": rm_evals[-1].get("eval/accuracy") if rm_evals else None,
                    "window_steps": k, "ppo_seconds": t_ppo}
     md = tp.table(sft, ppo, name="PPO")
@@ -128,7 +95,9 @@ def main(argv):
         json.dump({"sft": sft, "ppo": ppo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
     with open(os.path.join(wd, "results_ppo.md"), "w") as f:
         f.write(md + "\n")
-    plot_training(rows, os.path.join(wd, "ppo_training.png"))
+    tp.plot_curves(rows, [("objective/scores", "reward-model score of the samples"),
+                          ("objective/kl", "KL(policy || SFT) per completion (k1 sum)"),
+                          ("loss/value_avg", "value loss")], os.path.join(wd, "ppo_training.png"))
     print("\nSample PPO answers:")
     for s in ppo["samples"][:4]:
         print(f"  {s['prompt']!r} -> {s['completion']!r}")

@@ -83,6 +83,22 @@ def _bad(key: str, msg: str):
     raise ConfigValueError(f"config.{key}: {msg}")
 
 
+def validate_online(config, name: str) -> None:
+    """Checks shared by the online algorithms (GRPO, PPO): prompt-only data padded to a fixed prompt bucket,
+    reference log-probs computed per rollout, one host."""
+    if config.data.kind not in ("", "prompt_only"):
+        _bad("data.kind", f"{name} samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
+    P = config.data.max_prompt_length
+    if not P or P < 1:
+        _bad("data.max_prompt_length", f"{name} pads prompts to this fixed length (the prompt bucket): set it > 0")
+    if max(config.data.length_buckets) < P:
+        _bad("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
+    if config.reference.precompute:
+        _bad("reference.precompute", f"not available for {name} (reference log-probs are computed per rollout)")
+    if jax.process_count() > 1:
+        _bad("mesh", f"{name} runs on one host for now (the sampler and rewards take host-local prompts)")
+
+
 def validate_grpo_config(config) -> None:
     """Refuses a GRPO config that cannot work, naming the key (ConfigValueError)."""
     if "grpo" not in config:
@@ -104,20 +120,10 @@ def validate_grpo_config(config) -> None:
         _bad("grpo.top_p", f"must be in (0, 1], got {g.top_p!r}")
     if g.scale_rewards not in _SCALES:
         _bad("grpo.scale_rewards", f"must be one of {_SCALES}, got {g.scale_rewards!r}")
-    if config.data.kind not in ("", "prompt_only"):
-        _bad("data.kind", f"GRPO samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
-    P = config.data.max_prompt_length
-    if not P or P < 1:
-        _bad("data.max_prompt_length", "GRPO pads prompts to this fixed length (the prompt bucket): set it > 0")
-    if max(config.data.length_buckets) < P:
-        _bad("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
+    validate_online(config, "GRPO")
     beta = config.loss.kwargs.get("beta", 0.0)
     if config.loss.get("reference_free", False) and beta != 0:
         _bad("loss.reference_free", f"True, but loss.kwargs.beta={beta} needs the reference model")
-    if config.reference.precompute:
-        _bad("reference.precompute", "not available for GRPO (reference log-probs are computed per rollout)")
-    if jax.process_count() > 1:
-        _bad("mesh", "GRPO runs on one host for now (the sampler and rewards take host-local prompts)")
     if "rewards" not in config or not config.rewards.functions:
         _bad("rewards.functions", "GRPO needs at least one reward function")
     weights = tuple(config.rewards.get("weights", ()) or ())

@@ -74,17 +74,12 @@ from align_jax.losses.common import clamped_exp, masked_count, masked_mean, mask
 from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.models.llama import Transformer
 from align_jax.ops import token_logps
+from align_jax.rl.grpo import _bad, validate_online
 from align_jax.train.algorithms import ALGORITHMS, Algorithm
 
 log = logging.getLogger(__name__)
 
 VALUE_MODELS = ("reward_model", "policy", "shared")  # or a path to a reward-model export
-
-
-def _bad(key: str, msg: str):
-    from align_jax.train.validate import ConfigValueError
-
-    raise ConfigValueError(f"config.{key}: {msg}")
 
 
 def validate_ppo_config(config) -> None:
@@ -116,19 +111,9 @@ def validate_ppo_config(config) -> None:
                                  "(<workdir>/export of configs/reward_model.py)")
     if p.value_model not in VALUE_MODELS and not os.path.isdir(p.value_model):
         _bad("ppo.value_model", f"{p.value_model!r}: one of {VALUE_MODELS} or a reward-model export directory")
-    if config.data.kind not in ("", "prompt_only"):
-        _bad("data.kind", f"PPO samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
-    P = config.data.max_prompt_length
-    if not P or P < 1:
-        _bad("data.max_prompt_length", "PPO pads prompts to this fixed length (the prompt bucket): set it > 0")
-    if max(config.data.length_buckets) < P:
-        _bad("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
     if config.loss.get("reference_free", False):
         _bad("loss.reference_free", "PPO's KL penalty needs the reference model")
-    if config.reference.precompute:
-        _bad("reference.precompute", "not available for PPO (reference log-probs are computed per rollout)")
-    if jax.process_count() > 1:
-        _bad("mesh", "PPO runs on one host for now (the sampler takes host-local prompts)")
+    validate_online(config, "PPO")
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -14,7 +14,6 @@ Writes <workdir>/results_grpo.json, results_grpo.md and grpo_reward.png (trainin
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -82,17 +81,9 @@ def main(argv):
            f"sample reward {train_stats['reward_first_steps']:.3f} (first {k} steps) -> "
            f"{train_stats['reward_last_steps']:.3f} (last {k}); KL to the SFT reference "
            f"{train_stats['kl_last_steps']:.4f} per token (k3, mean of the last {k} steps).")
-    with open(os.path.join(wd, "results_grpo.json"), "w") as f:
-        json.dump({"sft": sft, "grpo": grpo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
-    with open(os.path.join(wd, "results_grpo.md"), "w") as f:
-        f.write(md + "\n")
     tp.plot_curves(rows, [("reward", "GRPO: mean reward of the samples"),
                           ("kl", "KL(policy || SFT reference), k3, per token")], os.path.join(wd, "grpo_reward.png"))
-    print("\nSample GRPO answers:")
-    for s in grpo["samples"][:4]:
-        print(f"  {s['prompt']!r} -> {s['completion']!r}")
-    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results_grpo.md, grpo_reward.png)")
-
+    tp.report(wd, "results_grpo", "GRPO", sft, grpo, md, t0, "grpo_reward.png", train_stats)
 
 if __name__ == "__main__":
     app.run(main)

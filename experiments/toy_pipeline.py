@@ -133,6 +133,22 @@ def table(sft: dict, dpo: dict, name: str = "DPO") -> str:
     return "\n".join(lines)
 
 
+def report(wd: str, stem: str, name: str, sft: dict, aligned: dict, md: str, t0: float, plot_file: str,
+           training: dict | None = None) -> None:
+    """Writes <wd>/<stem>.json and <stem>.md, prints sample answers of the aligned policy and the table."""
+    out = {"sft": sft, name.lower(): aligned, "seconds": time.time() - t0}
+    if training is not None:
+        out["training"] = training
+    with open(os.path.join(wd, f"{stem}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(wd, f"{stem}.md"), "w") as f:
+        f.write(md + "\n")
+    print(f"\nSample {name} answers:")
+    for s in aligned["samples"][:4]:
+        print(f"  {s['prompt']!r} -> {s['completion']!r}")
+    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/{stem}.md, {plot_file})")
+
+
 def plot(sft: dict, dpo: dict, path: str) -> None:
     import matplotlib
 
@@ -172,15 +188,8 @@ def main(argv):
     sft = evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
     dpo = evaluate_policy(dpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
     md = table(sft, dpo)
-    with open(os.path.join(wd, "results.json"), "w") as f:
-        json.dump({"sft": sft, "dpo": dpo, "seconds": time.time() - t0}, f, indent=2)
-    with open(os.path.join(wd, "results.md"), "w") as f:
-        f.write(md + "\n")
     plot(sft, dpo, os.path.join(wd, "results.png"))
-    print("\nSample DPO answers:")
-    for s in dpo["samples"][:4]:
-        print(f"  {s['prompt']!r} -> {s['completion']!r}")
-    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results.md, results.png)")
+    report(wd, "results", "DPO", sft, dpo, md, t0, "results.png")
 
 
 if __name__ == "__main__":

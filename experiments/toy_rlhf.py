@@ -15,7 +15,6 @@ Each stage resumes from its own checkpoints if interrupted; a finished stage is 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -91,18 +90,10 @@ def main(argv):
            f"{train_stats['score_last_steps']:.3f} (last {k}); KL to the SFT reference "
            f"{train_stats['kl_last_steps']:.3f} per completion = {train_stats['kl_per_token_last_steps']:.4f} per "
            f"token (k1, mean of the last {k} steps).")
-    with open(os.path.join(wd, "results_ppo.json"), "w") as f:
-        json.dump({"sft": sft, "ppo": ppo, "training": train_stats, "seconds": time.time() - t0}, f, indent=2)
-    with open(os.path.join(wd, "results_ppo.md"), "w") as f:
-        f.write(md + "\n")
     tp.plot_curves(rows, [("objective/scores", "reward-model score of the samples"),
                           ("objective/kl", "KL(policy || SFT) per completion (k1 sum)"),
                           ("loss/value_avg", "value loss")], os.path.join(wd, "ppo_training.png"))
-    print("\nSample PPO answers:")
-    for s in ppo["samples"][:4]:
-        print(f"  {s['prompt']!r} -> {s['completion']!r}")
-    print(f"\n{md}\n\n(total {time.time() - t0:.0f}s; results in {wd}/results_ppo.md, ppo_training.png)")
-
+    tp.report(wd, "results_ppo", "PPO", sft, ppo, md, t0, "ppo_training.png", train_stats)
 
 if __name__ == "__main__":
     app.run(main)

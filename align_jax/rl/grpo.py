@@ -141,8 +141,7 @@ def completion_logps(model, input_ids_RxT, attention_mask_RxT, num_completion_to
     cumsum(attention_mask) − 1 (clipped at 0), as in the sampler. Only the N completion positions go through
     the LM head (TRL's `logits_to_keep`)."""
     N = num_completion_tokens
-    positions = jnp.maximum(jnp.cumsum(attention_mask_RxT.astype(jnp.int32), axis=1) - 1, 0)
-    h_RxTxD = model(input_ids_RxT, attention_mask_RxT, positions, None, return_hidden=True)
+    h_RxTxD = model(input_ids_RxT, attention_mask_RxT, return_hidden=True)  # positions: cumsum(mask) - 1
     h_RxNxD = h_RxTxD[:, -N - 1:-1]
     if temperature != 1.0:
         h_RxNxD = h_RxNxD / jnp.asarray(temperature, h_RxNxD.dtype)  # (h/T) W = logits / T

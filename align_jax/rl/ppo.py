@@ -132,12 +132,12 @@ class PolicyValueModel(nnx.Module):
         """Policy hidden states h_{P-1+t} [R, N, D] (the states that predict completion token t) and the values
         V_t of the same states [R, N] (float32). Positions are cumsum(mask) − 1, as in the sampler."""
         N = num_completion_tokens
-        positions = jnp.maximum(jnp.cumsum(attention_mask_RxT.astype(jnp.int32), axis=1) - 1, 0)
-        h = self.policy(input_ids_RxT, attention_mask_RxT, positions, None, return_hidden=True)[:, -N - 1:-1]
+        # positions default to cumsum(mask) - 1 (`llama.default_positions`)
+        h = self.policy(input_ids_RxT, attention_mask_RxT, return_hidden=True)[:, -N - 1:-1]
         if self.value is None:
             v = jnp.einsum("rnd,d->rn", h, self.value_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
         else:
-            v = self.value(input_ids_RxT, attention_mask_RxT, positions)[:, -N - 1:-1]
+            v = self.value(input_ids_RxT, attention_mask_RxT)[:, -N - 1:-1]
         return h, v
 
 
@@ -217,8 +217,7 @@ def rollout_tensors(pv_params, pv_rest, ref_params, ref_rest, rm_params, rm_rest
     rm = nnx.merge(rm_graphdef, rm_params, rm_rest)
     h, values = pv.completion_hidden_and_values(ids_RxT, attn_RxT, N)
     logps = _tempered_logps(pv.policy, h, ids_RxT[:, -N:], T, chunk)
-    positions = jnp.maximum(jnp.cumsum(attn_RxT.astype(jnp.int32), axis=1) - 1, 0)
-    h_ref = ref(ids_RxT, attn_RxT, positions, None, return_hidden=True)[:, -N - 1:-1]
+    h_ref = ref(ids_RxT, attn_RxT, return_hidden=True)[:, -N - 1:-1]
     ref_logps = _tempered_logps(ref, h_ref, ids_RxT[:, -N:], T, chunk)
     scores = sequence_scores(rm, ids_RxT, attn_RxT)
     out = ppo_advantages(scores, logps, ref_logps, values, comp_ids_RxN, comp_mask_RxN, eos_id=eos, **kw)

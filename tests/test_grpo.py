@@ -6,12 +6,11 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from resume_util import final_params, train_and_kill
 from align_jax.losses import grpo_advantages, rank_advantages
 from align_jax.rl import rewards as R
 from align_jax.rl.grpo import (group_advantages, nan_group_advantages, offline_advantages, training_batch,
@@ -226,15 +225,8 @@ def test_grpo_trains_reuses_rollout_and_advantages_follow_rewards(online_run):
 def test_resume_after_kill9_is_bit_identical(online_run, tmp_path):
     straight = online_run[0]
     killed = str(tmp_path / "killed")
-    # a subprocess that SIGKILLs itself right after the step-2 checkpoint (a rollout boundary) is on disk
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-            "import conftest\n"
-            "from test_grpo import _cfg_online\n"
-            "from align_jax.train import train\n"
-            "train(_cfg_online(debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
+    # a run that SIGKILLs itself right after the step-2 checkpoint (a rollout boundary) is on disk
+    train_and_kill("from test_grpo import _cfg_online", "_cfg_online(debug_kill_at_step=2)", killed)
     train(_cfg_online(), killed)  # resumes from step 2: same prompts, same samples, same updates
     a, b = metrics(straight), metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -246,17 +238,8 @@ def test_resume_after_kill9_is_bit_identical(online_run, tmp_path):
     sa = [json.loads(x) for x in open(os.path.join(straight, "samples.jsonl"))]
     sb = [json.loads(x) for x in open(os.path.join(killed, "samples.jsonl"))]
     assert sa == sb
-    for x, y in zip(_final_params(straight, 4), _final_params(killed, 4)):
+    for x, y in zip(final_params(straight, 4), final_params(killed, 4)):
         np.testing.assert_array_equal(x, y)
-
-
-def _final_params(workdir, step):
-    import jax
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
 
 
 # ------------------------------------------------------------------------------------------------ offline

@@ -3,13 +3,12 @@ each value-model option, exact resume after kill -9, config refusals."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from resume_util import final_params, train_and_kill
 from align_jax.rl.ppo import ppo_advantages
 from align_jax.train import train
 from align_jax.train.validate import ConfigValueError
@@ -206,14 +205,6 @@ def metrics(workdir):
         return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
 
 
-def _final_params(workdir, step):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
-
-
 TRL_NAMES = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
              "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
              "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_token_var", "val/num_eos_tokens", "eps",
@@ -274,20 +265,13 @@ def test_value_model_initialisation():
 
 def test_resume_after_kill9_is_bit_identical(straight_run, tmp_path):
     killed = str(tmp_path / "killed")
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-            "import conftest\n"
-            "from test_ppo import load_config\n"
-            "from align_jax.train import train\n"
-            "train(load_config(debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
+    train_and_kill("from test_ppo import load_config", "load_config(debug_kill_at_step=2)", killed)
     train(load_config(), killed)  # resumes at step 2: same prompts, same samples (sampler RNG), same updates
     a, b = metrics(straight_run), metrics(killed)
     for step in (3, 4):
         for k in ("loss", "objective/scores", "objective/kl", "loss/value_avg", "grad_norm"):
             assert a[step][k] == b[step][k], (step, k)
-    for x, y in zip(_final_params(straight_run, 4), _final_params(killed, 4)):
+    for x, y in zip(final_params(straight_run, 4), final_params(killed, 4)):
         np.testing.assert_array_equal(x, y)
 
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from resume_util import final_params, train_and_kill
 from align_jax.train import NonFiniteLossError, train
 from align_jax.train.setup import SetupError
 from align_jax.train.validate import ConfigValueError
@@ -56,35 +57,18 @@ def _cfg_dpo(tmp_path, **kw):
     return c
 
 
-def _final_params(workdir, step):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    import jax
-    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
-
-
 def test_resume_after_kill9_is_bit_identical(tmp_path):
     straight = str(tmp_path / "straight")
     train(_cfg_dpo(tmp_path), straight)
     killed = str(tmp_path / "killed")
-    # Run in a subprocess that SIGKILLs itself right after the step-2 checkpoint is on disk.
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-            "import conftest\n"
-            "from test_train import _cfg_dpo\n"
-            "from align_jax.train import train\n"
-            "train(_cfg_dpo(None, debug_kill_at_step=2), %r)\n") % (ROOT, os.path.join(ROOT, "tests"), killed)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["2"]
+    train_and_kill("from test_train import _cfg_dpo", "_cfg_dpo(None, debug_kill_at_step=2)", killed)
     train(_cfg_dpo(tmp_path), killed)  # resumes from step 2
     a, b = train_metrics(straight), train_metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert a[step][k] == b[step][k], (step, k)
-    for x, y in zip(_final_params(straight, 4), _final_params(killed, 4)):
+    for x, y in zip(final_params(straight, 4), final_params(killed, 4)):
         np.testing.assert_array_equal(x, y)
 
 
@@ -162,7 +146,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
     a, b = train_metrics(str(tmp_path / "full"))[1], train_metrics(str(tmp_path / "accum"))[1]
     for k in ("loss", "rewards/accuracies", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
-    for x, y in zip(_final_params(str(tmp_path / "full"), 1), _final_params(str(tmp_path / "accum"), 1)):
+    for x, y in zip(final_params(str(tmp_path / "full"), 1), final_params(str(tmp_path / "accum"), 1)):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 

@@ -240,7 +240,6 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     for rs in timed:
         state, metrics = one_step(state, rs)
         ends.append(time.perf_counter())
-    tokens = sum(real_tokens(b) for b in timed)
     padded = sum(2 * batch_size * collate(b)["chosen_input_ids"].shape[1] for b in timed)
     step_flops = sum(flops_by_len[collate(b)["chosen_input_ids"].shape[1]] for b in timed)
     return {"side": "align-jax", **_throughput(ends, [real_tokens(b) for b in timed]), "padded_tokens": padded,

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --sft_steps, --eval_prompts, ...)
@@ -38,15 +37,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    wd = FLAGS.workdir
-    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
-    t0 = time.time()
-
-    sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
-
+    wd, t0, sft_path = tp.start()
     c = tp._config("grpo", wd)
-    c.model.init_from = sft_path
     c.loss.name = FLAGS.grpo_loss or c.loss.name
     if FLAGS.beta is not None:
         c.loss.kwargs.beta = FLAGS.beta
@@ -60,18 +52,7 @@ def main(argv):
     if FLAGS.grpo_lr is not None:
         c.optimizer.learning_rate = FLAGS.grpo_lr
     c.total_steps = FLAGS.grpo_steps or c.total_steps
-    c.checkpoint.every_steps = c.total_steps
-    c.log_every = 10
-    c.eval_generation = 0  # evaluated below, like the SFT model
-    grpo_wd = os.path.join(wd, "grpo")
-    t1 = time.time()
-    grpo_path = tp._stage("grpo", c, grpo_wd)
-    t_grpo = time.time() - t1
-
-    print("[eval] generating on held-out prompts ...")
-    sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    grpo = tp.evaluate_policy(grpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    rows, _ = tp.read_metrics(os.path.join(grpo_wd, "metrics.jsonl"))
+    sft, grpo, rows, t_grpo = tp.aligned_stage("grpo", c, wd, sft_path)
     k = max(1, min(10, len(rows) // 5))
     train_stats = {"reward_first_steps": tp.mean(rows[:k], "reward"), "reward_last_steps": tp.mean(rows[-k:], "reward"),
                    "kl_last_steps": tp.mean(rows[-k:], "kl"), "entropy_last_steps": tp.mean(rows[-k:], "entropy"),

@@ -101,6 +101,32 @@ def sft_stage(wd: str, steps: int = 0) -> str:
     return _stage("sft", cfg, os.path.join(wd, "sft"))
 
 
+def start() -> tuple[str, float, str]:
+    """Common start of the experiments: quiet logging, the clock, and the SFT stage. Returns (workdir, t0, SFT
+    export)."""
+    logging.set_verbosity(logging.WARNING)
+    t0 = time.time()
+    return FLAGS.workdir, t0, sft_stage(FLAGS.workdir, FLAGS.sft_steps)
+
+
+def aligned_stage(name: str, config, wd: str, sft_path: str) -> tuple[dict, dict, list[dict], float]:
+    """Trains `config` (started from the SFT export) in <wd>/<name> (resuming from its checkpoints if it was
+    interrupted), then scores the SFT and the trained policy on the held-out prompts. Returns (SFT scores, trained scores, training-step
+    metrics, training seconds)."""
+    config.model.init_from = sft_path
+    config.eval_generation = 0  # both policies are evaluated below, the same way
+    stage_wd = os.path.join(wd, name)
+    t = time.time()
+    path = _stage(name, config, stage_wd)
+    seconds = time.time() - t
+    print("[eval] generating on held-out prompts ...")
+    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
+    sft = evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    aligned = evaluate_policy(path, toy_dir, FLAGS.eval_prompts, data_dir)
+    rows, _ = read_metrics(os.path.join(stage_wd, "metrics.jsonl"))
+    return sft, aligned, rows, seconds
+
+
 def evaluate_policy(path: str, toy_dir: str, n_prompts: int, data_dir: str) -> dict:
     from align_jax.data import build_dataset, make_loader
     from align_jax.data.toy import evaluate, read_jsonl
@@ -169,24 +195,12 @@ def plot(sft: dict, dpo: dict, path: str) -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    wd = FLAGS.workdir
-    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
-    t0 = time.time()
-
-    sft_path = sft_stage(wd, FLAGS.sft_steps)
-
+    wd, t0, sft_path = start()
     dpo_cfg = _config("dpo", wd)
-    dpo_cfg.model.init_from = sft_path
     dpo_cfg.loss.name = FLAGS.dpo_loss
-    dpo_cfg.eval_generation = 0  # the pipeline evaluates both policies itself below
     if FLAGS.dpo_steps:
         dpo_cfg.total_steps = FLAGS.dpo_steps
-    dpo_path = _stage("dpo", dpo_cfg, os.path.join(wd, "dpo"))
-
-    print("[eval] generating on held-out prompts ...")
-    sft = evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    dpo = evaluate_policy(dpo_path, toy_dir, FLAGS.eval_prompts, data_dir)
+    sft, dpo, _, _ = aligned_stage("dpo", dpo_cfg, wd, sft_path)
     md = table(sft, dpo)
     plot(sft, dpo, os.path.join(wd, "results.png"))
     report(wd, "results", "DPO", sft, dpo, md, t0, "results.png")

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --sft_steps, --eval_prompts, ...)
@@ -35,12 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    wd = FLAGS.workdir
-    toy_dir, data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
-    t0 = time.time()
-
-    sft_path = tp.sft_stage(wd, FLAGS.sft_steps)
+    wd, t0, sft_path = tp.start()
 
     rm = tp._config("reward_model", wd)
     rm.model.init_from = sft_path
@@ -51,7 +45,6 @@ def main(argv):
     rm_path = tp._stage("reward_model", rm, rm_wd)
 
     c = tp._config("ppo", wd)
-    c.model.init_from = sft_path
     c.ppo.reward_model = rm_path
     if FLAGS.value_model:
         c.ppo.value_model = FLAGS.value_model
@@ -60,18 +53,7 @@ def main(argv):
     if FLAGS.kl_coef is not None:
         c.ppo.kl_coef = FLAGS.kl_coef
     c.total_steps = FLAGS.ppo_steps or c.total_steps
-    c.checkpoint.every_steps = c.total_steps
-    c.log_every = 10
-    c.eval_generation = 0  # evaluated below, like the SFT model
-    ppo_wd = os.path.join(wd, "ppo")
-    t1 = time.time()
-    ppo_path = tp._stage("ppo", c, ppo_wd)
-    t_ppo = time.time() - t1
-
-    print("[eval] generating on held-out prompts ...")
-    sft = tp.evaluate_policy(sft_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    ppo = tp.evaluate_policy(ppo_path, toy_dir, FLAGS.eval_prompts, data_dir)
-    rows, _ = tp.read_metrics(os.path.join(ppo_wd, "metrics.jsonl"))
+    sft, ppo, rows, t_ppo = tp.aligned_stage("ppo", c, wd, sft_path)
     _, rm_evals = tp.read_metrics(os.path.join(rm_wd, "metrics.jsonl"))
     K = c.ppo.num_ppo_epochs * c.ppo.num_mini_batches
     k = max(K, min(10 * K, len(rows) // 5 // K * K))  # whole rollouts
@@ -94,6 +76,7 @@ def main(argv):
                           ("objective/kl", "KL(policy || SFT) per completion (k1 sum)"),
                           ("loss/value_avg", "value loss")], os.path.join(wd, "ppo_training.png"))
     tp.report(wd, "results_ppo", "PPO", sft, ppo, md, t0, "ppo_training.png", train_stats)
+
 
 if __name__ == "__main__":
     app.run(main)

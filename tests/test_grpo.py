@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from resume_util import final_params, train_and_kill
+from util import final_params, load_config as _load_config, train_and_kill
 from align_jax.losses import grpo_advantages, rank_advantages
 from align_jax.rl import rewards as R
 from align_jax.rl.grpo import (group_advantages, nan_group_advantages, offline_advantages, training_batch,
@@ -19,8 +19,6 @@ from align_jax.train import train
 from align_jax.train import algorithms
 from align_jax.train.validate import ConfigValueError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
 
 
 # ------------------------------------------------------------------ reward functions used through "module:function"
@@ -42,21 +40,7 @@ def flaky_reward(prompts, completions, **kwargs):
 
 
 def load_config(arg="tiny", **overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("grpo_cfg", os.path.join(ROOT, "configs", "grpo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.data.toy_dir = os.path.join(SHARED, "toy")
-    c.data.data_dir = os.path.join(SHARED, "tfds")
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return _load_config("grpo", arg, **overrides)
 
 
 def metrics(workdir):

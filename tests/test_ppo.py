@@ -8,13 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from resume_util import final_params, train_and_kill
+from util import SHARED, final_params, load_config as _load_config, train_and_kill
 from align_jax.rl.ppo import ppo_advantages
 from align_jax.train import train
 from align_jax.train.validate import ConfigValueError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
 INVALID_LOGPROB = 1.0  # TRL's fill value for padded log-probs
 
 
@@ -159,22 +157,7 @@ def test_minibatch_losses_equal_trl():
 
 
 def load_config(arg="tiny", **overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ppo_cfg", os.path.join(ROOT, "configs", "ppo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.data.toy_dir = os.path.join(SHARED, "toy")
-    c.data.data_dir = os.path.join(SHARED, "tfds")
-    c.ppo.reward_model = _reward_model_dir()
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return _load_config("ppo", arg, **{"ppo.reward_model": _reward_model_dir(), **overrides})
 
 
 def _reward_model_dir() -> str:

@@ -1,7 +1,6 @@
 """The training loop end to end on tiny configs: every algorithm, exact resume after kill -9, config refusal,
 precomputed reference = live reference, non-finite stop."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from resume_util import final_params, train_and_kill
+from util import final_params, load_config, train_and_kill
 from align_jax.train import NonFiniteLossError, train
 from align_jax.train.setup import SetupError
 from align_jax.train.validate import ConfigValueError
@@ -18,18 +17,6 @@ from align_jax.train.validate import ConfigValueError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
-
-
-def load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    # The toy files and their TFDS builds are deterministic: share them between tests (cached by content hash).
-    c.data.toy_dir = os.path.join(SHARED, "toy")
-    c.data.data_dir = os.path.join(SHARED, "tfds")
-    return c
 
 
 def metrics(workdir):
@@ -42,19 +29,8 @@ def train_metrics(workdir):
 
 
 def _cfg_dpo(tmp_path, **kw):
-    c = load_config("dpo")
-    c.data.eval = ""
-    c.data.length_buckets = (64,)  # one compiled step per run
-    c.export = False
-    c.total_steps = 4
-    c.checkpoint.every_steps = 2
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return load_config("dpo", **{"data.eval": "", "data.length_buckets": (64,),  # one compiled step per run
+                                 "export": False, "total_steps": 4, "checkpoint.every_steps": 2, **kw})
 
 
 def test_resume_after_kill9_is_bit_identical(tmp_path):

@@ -1,5 +1,7 @@
-"""Helpers of the kill -9 / resume tests (test_train, test_grpo, test_ppo)."""
+"""Shared test helpers: configs on the shared toy data, and the kill -9 / resume checks (test_train, test_grpo,
+test_ppo)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +9,26 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The toy files and their TFDS builds are deterministic: shared between tests (cached by content hash).
+SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
+
+
+def load_config(name: str, arg: str = "tiny", **overrides):
+    """configs/<name>.py's `get_config(arg)` reading the shared toy data; `overrides` maps dotted keys
+    ("optimizer.learning_rate") to values."""
+    spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.data.toy_dir = os.path.join(SHARED, "toy")
+    c.data.data_dir = os.path.join(SHARED, "tfds")
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
 
 
 def train_and_kill(import_line: str, config_call: str, workdir: str, step: int = 2) -> None:

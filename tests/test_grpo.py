@@ -20,7 +20,6 @@ from align_jax.train import algorithms
 from align_jax.train.validate import ConfigValueError
 
 
-
 # ------------------------------------------------------------------ reward functions used through "module:function"
 
 

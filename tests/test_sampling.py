@@ -17,7 +17,7 @@ from align_jax.models import load_pretrained
 from align_jax.models.llama import init_cache
 from align_jax.parallel import make_mesh
 from align_jax.sampling import Sampler, generate, process_logits
-from align_jax.sampling.decode import decode_step, decode_weights, head_logits
+from align_jax.sampling.decode import decode_cache, decode_step, decode_weights, head_logits
 
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 N_NEW = 8
@@ -155,7 +155,7 @@ def test_transposed_decode_step_equals_full_forward(name):
     def decoded(m, prompt, pmask, new):
         cache = init_cache(m.config, 3, 6 + 4)
         _, cache = m(prompt, pmask, jnp.maximum(jnp.cumsum(pmask, 1) - 1, 0), cache=cache)
-        w = decode_weights(m)
+        w, cache = decode_weights(m), decode_cache(cache)
 
         def step(cache, x):
             tok, n = x

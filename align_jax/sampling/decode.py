@@ -1,12 +1,18 @@
 """One-token decode step for the sampler's `lax.while_loop`, with the weights transposed once per call.
 
 At decode time every matrix product is [R, D] x [D, F] with R (rows) small: the step streams every weight
-from memory once and does little arithmetic with it, so its speed is the speed of reading the weights. On
-CPU the matmul kernels read an [F, D] ("output x input", torch's `Linear` layout) matrix, whose rows are
-contiguous dot products, markedly faster than the [D, F] layout the model stores (see
-benchmarks/sampler_speed.py). `decode_weights` makes those transposed copies once, before the loop (XLA would
-fold a transpose inside the loop back into the dot), and `decode_step` is `Transformer._call_cached` for one
-token per row written with them:
+from memory once and does little arithmetic with it, so its speed is the speed of reading the weights. Two
+layout choices make that reading cheap on CPU (measured in benchmarks/sampler_speed.py, see the README):
+
+- weights as [F, D] ("output x input", torch's `Linear` layout) copies made once before the loop by
+  `decode_weights` (XLA would fold a transpose inside the loop back into the dot), used as the *left* operand
+  of each product: y^T = W x^T (`_mm`). XLA:CPU's matmul library repacks the right operand of a dot on every
+  call; with the weight on the left only the tiny [D, R] activations are repacked. On the benchmark model
+  this alone takes the decode loop from ~3.5 to ~2.5 ms per step.
+- keys cached as [R, K, E, S] during decoding (`decode_cache`, one transpose after the prefill), so that q.k
+  reduces over a non-minor axis and vectorises along the S slots.
+
+`decode_step` is `Transformer._call_cached` for one token per row written with them:
 
     x = embed[token]
     per layer:  a = rmsnorm(x);  q, k, v = a Wq, a Wk, a Wv (+ bias; per-head RMSNorm on q, k for Qwen3);
@@ -16,10 +22,10 @@ token per row written with them:
                 h = x + (p v) Wo (+ bias);  x = h + down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
     returns rmsnorm_final(x) [R, D] and the cache (end + 1)
 
-Same equations, dtypes and cache as the model's cached forward; only the operand layout of the matrix
+Same equations, dtypes and cache contents as the model's cached forward; only the operand layout of the
 products (hence the order of the fp32 additions inside them) differs, so logits agree with the full forward
 to fp32 rounding (tests/test_sampling.py checks 1e-5). The copies cost one extra read and write of the
-weights per `generate` call, and their memory while it runs.
+weights and keys per `generate` call, and their memory while it runs.
 """
 
 from __future__ import annotations
@@ -53,17 +59,28 @@ def decode_weights(model: Transformer) -> dict:
     return dict(layers=layers, head_VxD=head.astype(dt))
 
 
-def _mm(x_RxD, w_FxD):
-    return jnp.einsum("rd,fd->rf", x_RxD, w_FxD)
+def _mm(x_RxD, w_FxD, **kw):
+    """x @ w.T computed as (w @ x.T).T: the weight is the dot's left operand. XLA:CPU's matmul library packs
+    its right operand on every call; at R << D, F that is a full extra pass over the weight (R >= 2 costs
+    about 4x R = 1 in `benchmarks/sampler_speed.py`'s model), while packing the [D, R] activations is free.
+    The barrier keeps XLA from folding the transpose back into an x-first dot. Same dot products."""
+    y_FxR = jax.lax.optimization_barrier(jnp.einsum("fd,rd->fr", w_FxD, x_RxD, **kw))
+    return y_FxR.T
 
 
 def head_logits(w: dict, h_RxD):
     """Logits [R, V] (fp32) = h @ head (the [V, D] copy of `decode_weights`)."""
-    return jnp.einsum("rd,vd->rv", h_RxD, w["head_VxD"], preferred_element_type=jnp.float32)
+    return _mm(h_RxD, w["head_VxD"], preferred_element_type=jnp.float32)
 
 
-def _attention(block, w, x_RxD, cos, sin, mask_RxS, k_cache, v_cache, end):
-    """`Attention.__call__` with kv= for T = 1 (cos/sin [R, 1, E], caches [R, K, S, E])."""
+def decode_cache(cache: KVCache) -> KVCache:
+    """The model's cache ([R, K, S, E] keys) in `decode_step`'s layout: keys as [R, K, E, S] (values unchanged),
+    so that the scores q.k reduce over a non-minor axis, vectorised along the S slots."""
+    return KVCache([jnp.swapaxes(k, 2, 3) for k in cache.k], cache.v, cache.valid_BxS, cache.end)
+
+
+def _attention(block, w, x_RxD, cos, sin, mask_RxS, kT_cache, v_cache, end):
+    """`Attention.__call__` with kv= for T = 1 (cos/sin [R, 1, E]; keys [R, K, E, S], values [R, K, S, E])."""
     c, dt = block.attn.c, x_RxD.dtype
     R = x_RxD.shape[0]
     H, K, E = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -77,13 +94,14 @@ def _attention(block, w, x_RxD, cos, sin, mask_RxS, k_cache, v_cache, end):
     if c.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), end, axis=2)
+    kT_cache = jax.lax.dynamic_update_slice_in_dim(kT_cache, jnp.transpose(k, (0, 2, 3, 1)).astype(kT_cache.dtype),
+                                                   end, axis=3)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), end, axis=2)
     # One query per row: the two attention products are broadcast multiply + reduce rather than batched dots
-    # (XLA:CPU runs R*K tiny [G, E] x [E, S] dots several times slower; same sums, fp32 rounding order only).
+    # (XLA:CPU runs R*K tiny [G, E] x [E, S] dots slowly; same sums, fp32 rounding order only).
     f32 = jnp.float32
-    qg = q.reshape(R, K, H // K, 1, E).astype(f32)
-    scores = jnp.sum(qg * k_cache[:, :, None].astype(f32), axis=-1)  # [R, K, G, S]
+    qg = q.reshape(R, K, H // K, E, 1).astype(f32)
+    scores = jnp.sum(qg * kT_cache[:, :, None].astype(f32), axis=-2)  # [R, K, G, S]
     scores = scores * (E ** -0.5)
     scores = jnp.where(mask_RxS[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -92,7 +110,7 @@ def _attention(block, w, x_RxD, cos, sin, mask_RxS, k_cache, v_cache, end):
     y = _mm(out, w["o"])
     if c.o_bias:
         y = y + attn.o_bias[...].astype(dt)
-    return y, k_cache, v_cache
+    return y, kT_cache, v_cache
 
 
 def _mlp(mlp, w, x_RxD):
@@ -109,8 +127,9 @@ def _mlp(mlp, w, x_RxD):
 
 def decode_step(model: Transformer, w: dict, tokens_R, positions_R, cache: KVCache):
     """Appends one token per row at slot `cache.end` (position `positions_R`); returns the final hidden
-    state [R, D] and the new cache. Equals `model(tokens[:, None], None, positions[:, None], cache=cache,
-    return_hidden=True)` up to fp32 rounding."""
+    state [R, D] and the new cache. `cache` is in `decode_cache`'s layout (keys [R, K, E, S]). Equals
+    `model(tokens[:, None], None, positions[:, None], cache=model_cache, return_hidden=True)` up to fp32
+    rounding."""
     c = model.config
     mask_Rx1xS, valid_RxS = cached_attention_mask_BxTxS(cache, None, 1)
     cos, sin = rope_cos_sin(model.inv_freq[...], positions_R[:, None], c.compute_dtype)

@@ -19,8 +19,8 @@ the decode work. The loop carries h [R, D], not logits [R, V].)
 
 Decode step. With a few rows per step, a step costs about one read of every weight. On CPU (parameters on
 CPU devices) the loop therefore runs `decode.decode_step` on transposed [out, in] copies of the weights made
-once before the loop (`decode.decode_weights`; the kernels read that layout markedly faster), and the head
-uses a [V, D] copy; elsewhere (or with `TRANSPOSED_DECODE = False`) it runs the model's own cached forward.
+once before the loop (`decode.decode_weights`, used as the left operand of each product) and on keys cached as
+[R, K, E, S] (`decode.decode_cache`), see `decode` for why; the head uses a [V, D] copy; elsewhere (or with `TRANSPOSED_DECODE = False`) it runs the model's own cached forward.
 Both compute the same equations; logits agree to fp32 rounding. The prefill always uses the model.
 
 A row stops after emitting any id in `eos_ids` (that token is kept, mask 1); afterwards it gets `pad_id`,
@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax.models.llama import KVCache, Transformer, init_cache
 from align_jax.parallel.mesh import BATCH
-from align_jax.sampling.decode import decode_step, decode_weights, head_logits
+from align_jax.sampling.decode import decode_cache, decode_step, decode_weights, head_logits
 from align_jax.sampling.processors import sample_token
 
 
@@ -199,7 +199,9 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, knobs, 
         n, _, _, done_R, _ = carry
         return (n < N) & ~jnp.all(done_R)
 
-    w = decode_weights(model) if transposed else None  # before the loop: one transposed copy per call
+    w = None
+    if transposed:  # before the loop: one transposed copy of the weights and of the keys per call
+        w, cache = decode_weights(model), _constrain_cache(decode_cache(cache), mesh)
 
     def body(carry):
         n, cache, h_RxD, done_R, bufs = carry

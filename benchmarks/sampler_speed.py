@@ -51,6 +51,7 @@ from flax import nnx  # noqa: E402
 from align_jax.models import from_hf_config, init_model, load_pretrained, save_pretrained  # noqa: E402
 from align_jax.sampling import generate  # noqa: E402
 
+SAMPLING_ROW = "kv-cache, sampling (T=1, top-k 50, top-p 0.95)"
 generate_module = importlib.import_module("align_jax.sampling.generate")  # (the package exports the function)
 
 
@@ -174,12 +175,14 @@ def main():
     if hf_model is not None:
         import torch
 
-        def hf(threads):
+        def hf(threads, **sampling):
             def run():
                 torch.set_num_threads(threads)
+                torch.manual_seed(a.seed)
                 with torch.no_grad():
                     out = hf_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                                            attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
+                                            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                                            do_sample=bool(sampling), **(sampling or dict(top_k=None, top_p=None)),
                                             max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=never,
                                             pad_token_id=0)
                 return out[:, a.prompt:].numpy()
@@ -189,9 +192,12 @@ def main():
             a.hf_threads, sorted({torch.get_num_threads(), 1}, reverse=True))
         for threads in thread_counts:
             methods[f"transformers generate (torch {torch.__version__}, {threads} thr)"] = hf(threads)
-    methods["kv-cache, sampling (T=1, top-k 50, top-p 0.95)"] = lambda: np.asarray(
+    methods[SAMPLING_ROW] = lambda: np.asarray(
         generate(model, ids, mask, max_new_tokens=a.new, rng=a.seed, temperature=1.0, top_k=50, top_p=0.95,
                  eos_ids=(never,)).completion_ids)
+    if hf_model is not None:
+        methods[f"transformers generate, sampling ({thread_counts[0]} thr)"] = hf(
+            thread_counts[0], temperature=1.0, top_k=50, top_p=0.95)
     res = run_interleaved(methods, a.repeats)
     names = list(methods)
     kv_ids = res[names[0]][0]
@@ -202,12 +208,16 @@ def main():
         _, first, times = res[n]
         print(f"{n:<52} {first:>12.3f} {best[n]:>8.4f} {statistics.median(times):>9.4f} "
               f"{new_tokens / best[n]:>10.0f} {best[n] / best[names[0]]:>17.2f}x")
-    hf_names = [n for n in names if n.startswith("transformers")]
+    hf_names = [n for n in names if n.startswith("transformers generate (")]
+    hf_sampling = [n for n in names if n.startswith("transformers generate, sampling")]
     line = (f"speed-up of kv-cache (best times): {best[names[1]] / best[names[0]]:.1f}x vs naive recompute, "
             f"{best[names[2]] / best[names[0]]:.2f}x vs the model-layout decode")
     if hf_names:
         line += (f", {min(best[n] for n in hf_names) / best[names[0]]:.1f}x vs transformers generate "
                  "(its faster thread setting)")
+    if hf_sampling:
+        line += (f"; sampling (T=1, top-k 50, top-p 0.95): {best[hf_sampling[0]] / best[SAMPLING_ROW]:.1f}x vs "
+                 "transformers sampling")
     print(line)
     agree = ({"naive": res[names[1]][0], "model layout": res[names[2]][0]}
              | ({"transformers": res[hf_names[0]][0]} if hf_names else {}))

@@ -256,8 +256,25 @@ def test_process_logits_matches_transformers_warpers():
         ref = _ref_process(logits, t, k, p)
         np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref), err_msg=str((t, k, p)))
         np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], rtol=1e-6)
-    # Python values that turn the filters off leave them out (no sort in the program).
-    assert "sort" not in jax.jit(lambda x: process_logits(x, 0.7, 0, 1.0)).lower(logits).as_text()
+    # Ties, +-0, a huge range (probabilities that underflow to 0), p = 1 with the filter compiled in: top-k as
+    # transformers; top-p keeps every token tied at the threshold (sorted rule: threshold = value at the first
+    # kept sorted position).
+    tied = np.round(logits * 2) / 2
+    tied[0, :4] = [0.0, -0.0, 0.0, -0.0]
+    tied[1, :3] = [-300.0, 250.0, -1e30]
+    for t, k, p in [(1.0, 7, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.6), (0.8, 12, 0.85), (1.0, 0, 0.05), (1.0, 9, 1.0)]:
+        got = np.asarray(f(tied, t, k, p))
+        ref = _ref_process(tied, t, k, 1.0)
+        if p < 1.0:
+            asc = np.sort(ref, axis=-1)
+            e = np.exp(asc - asc[:, -1:])
+            cum = np.cumsum(e / e.sum(-1, keepdims=True), axis=-1)
+            n_drop = np.minimum((cum <= 1 - p).sum(-1), ref.shape[-1] - 1)
+            ref = np.where(ref < asc[np.arange(len(asc)), n_drop][:, None], -np.inf, ref)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref), err_msg=str((t, k, p)))
+        np.testing.assert_array_equal(got[np.isfinite(got)], ref[np.isfinite(ref)])
+    # Python values that turn the filters off leave them out (no threshold search in the program).
+    assert "while" not in jax.jit(lambda x: process_logits(x, 0.7, 0, 1.0)).lower(logits).as_text()
 
 
 def test_sharded_equals_single_device():

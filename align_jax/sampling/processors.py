@@ -13,7 +13,10 @@ vLLM/TRL report) are `log_softmax(process_logits(...))`.
 
 The values (temperature, k, p) may be traced, so one compiled sampler serves all settings; whether each
 filter exists at all is static (`filter_top_k`, `filter_top_p`), so that disabled filters cost no sort.
-Both filters share one ascending sort of the vocabulary. Where several tokens tie at a threshold, all are
+Neither filter sorts: each threshold is found by bisection over the 2^32 float32 bit patterns (32 passes
+over the vocabulary, `_largest_key`): top-k's is the largest value with at least k logits >= it (the k-th
+largest); top-p's is the largest value t whose lower mass sum(softmax(z)[z < t]) is <= 1 - p, which is the
+value at which the sorted rule above starts keeping tokens. Where several tokens tie at a threshold, all are
 kept (HF drops some of them by sort order).
 """
 
@@ -44,22 +47,45 @@ def process_logits(logits_BxV, temperature=1.0, top_k=0, top_p=1.0, *, filter_to
     if not (filter_top_k or filter_top_p):
         return z_BxV
     V = z_BxV.shape[-1]
-    asc_BxV = jnp.sort(z_BxV, axis=-1)
+    key_BxV = _sortable(z_BxV)
     if filter_top_k:
         k = jnp.asarray(top_k, jnp.int32)
         k = jnp.where((k <= 0) | (k > V), V, k)
-        kth_Bx1 = jax.lax.dynamic_slice_in_dim(asc_BxV, V - k, 1, axis=-1)  # k-th largest
-        z_BxV = jnp.where(z_BxV < kth_Bx1, -jnp.inf, z_BxV)
-        asc_BxV = jnp.where(asc_BxV < kth_Bx1, -jnp.inf, asc_BxV)  # still ascending
+        # k-th largest = the largest key t with #{z >= t} >= k
+        kth_Bx1 = _largest_key(key_BxV, lambda t_Bx1: jnp.sum(key_BxV >= t_Bx1, axis=-1) >= k)
+        z_BxV = jnp.where(key_BxV < kth_Bx1, -jnp.inf, z_BxV)
     if filter_top_p:
         p = jnp.asarray(top_p, _F32)
-        cum_BxV = jnp.cumsum(jax.nn.softmax(asc_BxV, axis=-1), axis=-1)
-        drop_BxV = (cum_BxV <= 1.0 - p) & (p < 1.0)
-        drop_BxV = drop_BxV.at[..., -1].set(False)
-        n_drop_Bx1 = jnp.sum(drop_BxV, axis=-1, keepdims=True)  # the dropped set is a prefix (c is monotone)
-        thresh_Bx1 = jnp.take_along_axis(asc_BxV, n_drop_Bx1, axis=-1)
-        z_BxV = jnp.where(z_BxV < thresh_Bx1, -jnp.inf, z_BxV)
+        probs_BxV = jax.nn.softmax(z_BxV, axis=-1)
+        # the sorted rule's threshold = the largest value t with (mass of tokens below t) <= 1 - p
+        thresh_Bx1 = _largest_key(
+            key_BxV, lambda t_Bx1: jnp.sum(jnp.where(key_BxV < t_Bx1, probs_BxV, 0.0), axis=-1) <= 1.0 - p)
+        thresh_Bx1 = jnp.where(p < 1.0, thresh_Bx1, jnp.min(key_BxV, axis=-1, keepdims=True))  # p = 1: off
+        z_BxV = jnp.where(key_BxV < thresh_Bx1, -jnp.inf, z_BxV)
     return z_BxV
+
+
+def _sortable(z):
+    """float32 -> uint32 with the same order (NaN-free input; -0.0 is first made +0.0, as they compare equal)."""
+    b = jax.lax.bitcast_convert_type(jnp.where(z == 0, jnp.zeros_like(z), z), jnp.uint32)
+    return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _largest_key(key_BxV, ok):
+    """Per row, the largest t in [min key, max key] with ok(t) (ok: [B, 1] uint32 -> [B] bool, true at the min
+    key and monotone: true up to some t, false above). Bisection over the 2^32 keys: 32 steps, each one pass
+    over [B, V] (instead of a sort)."""
+    lo_B, hi_B = jnp.min(key_BxV, axis=-1), jnp.max(key_BxV, axis=-1)
+
+    def step(_, c):
+        lo_B, hi_B = c
+        mid_B = lo_B + (hi_B - lo_B) // 2 + 1  # in (lo, hi] while lo < hi
+        live_B = lo_B < hi_B
+        good_B = ok(mid_B[:, None])
+        return jnp.where(live_B & good_B, mid_B, lo_B), jnp.where(live_B & ~good_B, mid_B - 1, hi_B)
+
+    lo_B, _ = jax.lax.fori_loop(0, 32, step, (lo_B, hi_B), unroll=4)
+    return lo_B[:, None]
 
 
 def token_logp(logits_BxV, tokens_B):

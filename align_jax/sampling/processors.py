@@ -12,7 +12,7 @@ The sampling distribution is softmax of the processed logits; its log-probs ("sa
 vLLM/TRL report) are `log_softmax(process_logits(...))`.
 
 The values (temperature, k, p) may be traced, so one compiled sampler serves all settings; whether each
-filter exists at all is static (`filter_top_k`, `filter_top_p`), so that disabled filters cost no sort.
+filter exists at all is static (`filter_top_k`, `filter_top_p`), so that disabled filters cost nothing.
 Neither filter sorts: each threshold is found by bisection over the 2^32 float32 bit patterns (32 passes
 over the vocabulary, `_largest_key`): top-k's is the largest value with at least k logits >= it (the k-th
 largest); top-p's is the largest value t whose lower mass sum(softmax(z)[z < t]) is <= 1 - p, which is the

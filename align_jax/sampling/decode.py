@@ -61,8 +61,9 @@ def decode_weights(model: Transformer) -> dict:
 
 def _mm(x_RxD, w_FxD, **kw):
     """x @ w.T computed as (w @ x.T).T: the weight is the dot's left operand. XLA:CPU's matmul library packs
-    its right operand on every call; at R << D, F that is a full extra pass over the weight (R >= 2 costs
-    about 4x R = 1 in `benchmarks/sampler_speed.py`'s model), while packing the [D, R] activations is free.
+    its right operand on every call; at R << D, F that is a full extra pass over the weight (on the benchmark
+    model's 17 products, x-first at R = 2..16 took ~4.5x the R = 1 matrix-vector time), while packing the
+    [D, R] activations costs nothing.
     The barrier keeps XLA from folding the transpose back into an x-first dot. Same dot products."""
     y_FxR = jax.lax.optimization_barrier(jnp.einsum("fd,rd->fr", w_FxD, x_RxD, **kw))
     return y_FxR.T

@@ -19,9 +19,10 @@ the decode work. The loop carries h [R, D], not logits [R, V].)
 
 Decode step. With a few rows per step, a step costs about one read of every weight. On CPU (parameters on
 CPU devices) the loop therefore runs `decode.decode_step` on transposed [out, in] copies of the weights made
-once before the loop (`decode.decode_weights`, used as the left operand of each product) and on keys cached as
-[R, K, E, S] (`decode.decode_cache`), see `decode` for why; the head uses a [V, D] copy; elsewhere (or with `TRANSPOSED_DECODE = False`) it runs the model's own cached forward.
-Both compute the same equations; logits agree to fp32 rounding. The prefill always uses the model.
+once before the loop (`decode.decode_weights`, each the left operand of its product; the head a [V, D] copy)
+and on keys cached as [R, K, E, S] (`decode.decode_cache`), see `decode` for why; elsewhere (or with
+`TRANSPOSED_DECODE = False`) it runs the model's own cached forward. Both compute the same equations; logits
+agree to fp32 rounding. The prefill always uses the model.
 
 A row stops after emitting any id in `eos_ids` (that token is kept, mask 1); afterwards it gets `pad_id`,
 mask 0 and log-probs 0. The loop exits as soon as every row has stopped (`num_steps` < N then).

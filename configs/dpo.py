@@ -7,7 +7,7 @@
 Default: the embedded toy task (policy and reference start from `model.init_from`, e.g. the SFT export).
 """
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -28,12 +28,8 @@ def get_config(arg: str = ""):
     c.eval_every = 0  # evaluate at the end only
     c.eval_generation = 100  # toy task: also answer 100 held-out prompts and score them per axis
     if arg == "tiny":
-        c.total_steps = 6
-        c.batch_size = 8
-        c.eval_batch_size = 8
+        tiny(c, steps=6, checkpoint_every=3)
         c.eval_batches = 2
-        c.checkpoint.every_steps = 3
         c.eval_every = 0
         c.eval_generation = 0
-        c.progress_bar = False
     return c

@@ -14,7 +14,7 @@ reference start from `model.init_from` (e.g. the SFT export). Batch = `batch_siz
 
 import ml_collections
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -72,14 +72,10 @@ def get_config(arg: str = ""):
         c.data.max_length = 64
         c.data.length_buckets = (32, 48, 64)
     if "tiny" in arg.split(","):
-        c.total_steps = 4
-        c.batch_size = 8
-        c.eval_batch_size = 8
+        tiny(c, steps=4, checkpoint_every=2)
         c.grpo.num_generations = 2
         c.grpo.max_completion_length = 8
         c.grpo.log_completions_every = 2
-        c.checkpoint.every_steps = 2
         c.eval_generation = 0
         c.export = False
-        c.progress_bar = False
     return c

@@ -3,7 +3,7 @@
     python -m align_jax.main --config=configs/orpo.py --workdir=/tmp/orpo
 """
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -17,10 +17,6 @@ def get_config(arg: str = ""):
     c.batch_size = 32
     c.total_steps = 200
     if arg == "tiny":
-        c.total_steps = 4
-        c.batch_size = 8
-        c.eval_batch_size = 8
+        tiny(c, steps=4, checkpoint_every=2)
         c.eval_batches = 1
-        c.checkpoint.every_steps = 2
-        c.progress_bar = False
     return c

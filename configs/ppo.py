@@ -12,7 +12,7 @@ optimizer steps (`total_steps` counts optimizer steps). See align_jax/rl/ppo.py 
 
 import ml_collections
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -62,15 +62,11 @@ def get_config(arg: str = ""):
     c.eval_every = 0
     c.eval_generation = 100  # toy task: answer 100 held-out prompts greedily and score them per axis
     if "tiny" in arg.split(","):
-        c.total_steps = 4
-        c.batch_size = 8
-        c.eval_batch_size = 8
+        tiny(c, steps=4, checkpoint_every=2)
         c.ppo.num_ppo_epochs = 2
         c.ppo.num_mini_batches = 1
         c.ppo.response_length = 8
         c.ppo.log_completions_every = 2
-        c.checkpoint.every_steps = 2
         c.eval_generation = 0
         c.export = False
-        c.progress_bar = False
     return c

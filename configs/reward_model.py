@@ -5,7 +5,7 @@ pairs (soft labels supported), or Plackett-Luce on ranked groups (`:groupwise`).
     python -m align_jax.main --config=configs/reward_model.py:groupwise --workdir=/tmp/rm_groups
 """
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -27,10 +27,6 @@ def get_config(arg: str = ""):
         c.data.eval = ""
         c.data.group_size = 4
     if "tiny" in args:
-        c.total_steps = 4
-        c.batch_size = 8
-        c.eval_batch_size = 8
+        tiny(c, steps=4, checkpoint_every=2)
         c.eval_batches = 1
-        c.checkpoint.every_steps = 2
-        c.progress_bar = False
     return c

@@ -6,7 +6,7 @@
 Default: the embedded toy task's noisy SFT corpus, from a randomly initialised toy model.
 """
 
-from align_jax.train.config_base import base_config
+from align_jax.train.config_base import base_config, tiny
 
 
 def get_config(arg: str = ""):
@@ -29,10 +29,6 @@ def get_config(arg: str = ""):
     c.checkpoint.every_steps = 200
     c.eval_every = 0
     if arg == "tiny":
-        c.total_steps = 6
-        c.batch_size = 8
-        c.eval_batch_size = 8
-        c.checkpoint.every_steps = 3
+        tiny(c, steps=6, checkpoint_every=3)
         c.optimizer.warmup_steps = 2
-        c.progress_bar = False
     return c

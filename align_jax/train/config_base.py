@@ -84,3 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = True  # write the final policy as a Hugging Face directory to <workdir>/export
     c.debug_kill_at_step = 0  # tests only: SIGKILL the process right after the checkpoint of this step
     return c
+
+
+def tiny(c: ml_collections.ConfigDict, steps: int = 4, checkpoint_every: int = 2) -> ml_collections.ConfigDict:
+    """The part every `:tiny` variant shares: a few optimizer steps of 8 examples with a checkpoint mid-way and
+    no progress bar (seconds on CPU; the tests' configs). Algorithm-specific shrinking stays in the config."""
+    c.total_steps = steps
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.checkpoint.every_steps = checkpoint_every
+    c.progress_bar = False
+    return c

@@ -38,6 +38,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from align_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("pairwise", "groupwise", "sft", "prompt_only")
@@ -45,7 +47,7 @@ ON_BAD_EXAMPLE = ("raise", "skip")
 MAX_REASONS = 10  # reasons kept (and logged one by one) per SkipLog
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad input example; the message starts with ``path:line:``."""
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from align_jax.errors import UserError
 from align_jax.models.config import ModelConfig, load_hf_config, rope_inv_freq, to_hf_config
 from align_jax.models.llama import Transformer
 
@@ -27,7 +28,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that does not match its config; the message names the file and tensor."""
 
 

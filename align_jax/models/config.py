@@ -17,6 +17,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from align_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Keys whose presence (with a value that changes the computation) we cannot honour exactly.
@@ -28,7 +30,7 @@ _REFUSED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model config that align-jax cannot run exactly; the message names the key."""
 
 

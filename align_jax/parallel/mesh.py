@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from align_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
 
@@ -38,7 +40,7 @@ RULES: tuple[tuple[str, Any], ...] = (
 log = logging.getLogger(__name__)
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh shape that cannot be built on the available devices; the message names the config key."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from align_jax.errors import UserError
 from align_jax.parallel import BATCH, make_mesh
 from align_jax.train import setup
 from align_jax.train.algorithms import get_algorithm
@@ -35,7 +36,7 @@ from align_jax.train.validate import validate_config
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 

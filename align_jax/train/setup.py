@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from align_jax.errors import UserError
 from align_jax.models import from_hf_config, load_hf_config, load_pretrained, save_pretrained
 from align_jax.models.heads import ScalarHeadModel
 from align_jax.models.llama import Transformer
@@ -21,7 +22,7 @@ from align_jax.parallel import create_sharded
 log = logging.getLogger(__name__)
 
 
-class SetupError(ValueError):
+class SetupError(UserError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import jax
 
+from align_jax.errors import UserError
 from align_jax.losses import available
 from align_jax.parallel import mesh_shape
 from align_jax.train.algorithms import ALGORITHMS
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(UserError, ValueError):
     pass
 
 

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 32  # global batch (pairs / groups / rows) per optimizer step
     c.total_steps = 200  # optimizer steps
+    # > 0: train for this many passes over the (usable) training examples instead: total_steps becomes
+    # ceil(num_epochs * examples / batch_size), fixed when the run starts and written to <workdir>/config.json
+    c.num_epochs = 0.0
     c.chunk_size = 8192  # vocabulary chunk of the log-prob op
 
     c.optimizer = ml_collections.ConfigDict()

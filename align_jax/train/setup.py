@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import math
 import os
 from typing import Callable
 
@@ -66,6 +67,17 @@ class Data:
     skips: object
     train_source: object = None
     loader_kw: dict = dataclasses.field(default_factory=dict)
+    parse_skipped: int = 0  # bad records skipped while building the TFDS dataset (before tokenization)
+
+    @property
+    def num_skipped(self) -> int:
+        """Every skipped training example, counted once: at parse time plus at tokenization."""
+        return self.parse_skipped + (self.skips.num_skipped if self.skips is not None else 0)
+
+    @property
+    def num_train_examples(self) -> int:
+        """Usable training examples (records of the source minus those skipped at tokenization)."""
+        return len(self.train_source) - (self.skips.num_skipped if self.skips is not None else 0)
 
 
 def _resolve_files(spec: str, workdir: str, config, key: str):
@@ -113,7 +125,7 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
     from align_jax.data import make_loader
 
     kind = config.data.kind or algorithm.data_kind
-    train_source, _ = _build(config.data.train, kind, workdir, config, "train", "train")
+    train_source, stats = _build(config.data.train, kind, workdir, config, "train", "train")
     kw = dict(kind=kind, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length or None,
               truncation_mode=config.data.truncation_mode, length_buckets=tuple(config.data.length_buckets),
               group_size=config.data.group_size or None, on_bad_example=config.data.on_bad_example)
@@ -129,7 +141,19 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
                                 seed=0, shuffle=False, num_epochs=1, packing=False, drop_remainder=False, **kw)
             return ds
 
-    return Data(kind, train, eval_fn, skips, train_source, kw)
+    return Data(kind, train, eval_fn, skips, train_source, kw, parse_skipped=stats.num_skipped)
+
+
+def resolve_config(config, data: Data):
+    """The config a run actually uses: `num_epochs` > 0 turns into `total_steps` = ceil(num_epochs x usable
+    training examples / batch_size). Returns a new (unlocked) ConfigDict; `config` is not changed."""
+    config = config.copy_and_resolve_references()
+    if config.get("num_epochs", 0) and config.num_epochs > 0:
+        n = data.num_train_examples
+        config.total_steps = max(1, math.ceil(config.num_epochs * n / config.batch_size))
+        log.info("num_epochs=%g over %d examples at batch %d: total_steps=%d", config.num_epochs, n,
+                 config.batch_size, config.total_steps)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ models

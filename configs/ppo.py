@@ -11,6 +11,7 @@ optimizer steps (`total_steps` counts optimizer steps). See align_jax/rl/ppo.py 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from align_jax.train.config_base import base_config, tiny
 
@@ -39,7 +40,7 @@ def get_config(arg: str = ""):
     c.ppo.gamma = 1.0  # discount (TRL default 1.0)
     c.ppo.lam = 0.95  # GAE lambda (TRL default 0.95)
     c.ppo.whiten_rewards = False  # TRL default False
-    c.ppo.missing_eos_penalty = None  # subtracted from the score of a completion without EOS (TRL default None)
+    c.ppo.missing_eos_penalty = config_dict.placeholder(float)  # None (unset) or a number; subtracted from the score of a completion without EOS (TRL default None)
     c.ppo.log_completions_every = 10  # steps between sample tables (<workdir>/samples.jsonl, TensorBoard text)
     c.ppo.num_completions_to_log = 8
 

@@ -79,7 +79,7 @@ def test_precomputed_reference_equals_live_reference(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_saves(tmp_path):
-    c = _cfg_dpo(tmp_path, **{"loss.kwargs.beta": float("nan")})
+    c = _cfg_dpo(tmp_path, **{"loss.kwargs.label_smoothing": float("nan")})  # beta=nan is refused up front
     with pytest.raises(NonFiniteLossError, match="step 1"):
         train(c, str(tmp_path / "nan"))
     assert os.listdir(tmp_path / "nan" / "checkpoints") == ["0"]

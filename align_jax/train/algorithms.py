@@ -101,12 +101,25 @@ def dpo_loss(model, batch, ref_model, cfg):
 
 
 def dpo_eval(model, batch, ref_model, cfg):
-    c, r, ref_c, ref_r, _, _ = _dpo_inputs(model, batch, ref_model, cfg)
+    """Per-pair eval quantities; `loss` is the configured loss (`cfg.loss.name`, its kwargs and the soft label) of
+    each pair on its own (for the batch-coupled variants `aot`, `aot_unpaired` and `bco_delta="batch"`, the loss of
+    a batch of that one pair)."""
+    c, r, ref_c, ref_r, n_c, n_r = _dpo_inputs(model, batch, ref_model, cfg)
     beta = cfg.loss.kwargs.get("beta", 0.1)
     rc, rr = beta * (c - ref_c), beta * (r - ref_r)
+    fn = losses.get_loss(cfg.loss.name)
+    kw = dict(cfg.loss.kwargs)
+    soft = cfg.loss.get("use_soft_labels", True)
+
+    def one(c, r, ref_c, ref_r, n_c, n_r, p):
+        extra = {"label_probs": p[None]} if soft else {}
+        return fn(c[None], r[None], ref_c[None], ref_r[None], chosen_lengths=n_c[None], rejected_lengths=n_r[None],
+                  **extra, **kw)[0]
+
+    loss = jax.vmap(one)(c, r, ref_c, ref_r, n_c, n_r, batch["label_probs"])
     return {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr,
             "rewards/accuracies": (rc > rr).astype(jnp.float32), "logps/chosen": c, "logps/rejected": r,
-            "loss": -jax.nn.log_sigmoid(rc - rr)}
+            "loss": loss}
 
 
 # ------------------------------------------------------------------------------------------------ ORPO

@@ -47,13 +47,19 @@ def load_tokenizer(config):
 
     from align_jax.data.toy import TOKENIZER_DIR
 
-    path = config.model.tokenizer
+    path, key = config.model.tokenizer, "model.tokenizer"
     if not path:
         init = config.model.init_from
         path = str(TOKENIZER_DIR) if init == "toy" or init.startswith("random:") else init
+        key = "model.init_from"
     if not os.path.isdir(path):
-        raise SetupError(f"config.model.tokenizer: {path!r} is not a directory")
-    return AutoTokenizer.from_pretrained(path)
+        raise SetupError(f"config.{key}={path!r}: no such directory (expected a Hugging Face model directory with "
+                         f"config.json, *.safetensors and the tokenizer files; or 'toy' / 'random:<config.json>')")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"config.{key}={path!r}: no tokenizer could be loaded from it ({e}); give a directory "
+                         f"with tokenizer.json / tokenizer_config.json via --config.model.tokenizer") from None
 
 
 # ------------------------------------------------------------------------------------------------ data

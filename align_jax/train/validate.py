@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import jax
 
 from align_jax.errors import UserError
-from align_jax.losses import available
+from align_jax.losses import available, get_loss
 from align_jax.parallel import mesh_shape
 from align_jax.train.algorithms import ALGORITHMS
 
@@ -31,12 +34,15 @@ def validate_config(config) -> None:
     for key in ("batch_size", "total_steps", "eval_batch_size", "chunk_size"):
         if not isinstance(config[key], int) or config[key] <= 0:
             bad(key, f"must be a positive integer, got {config[key]!r}")
-    if config.optimizer.learning_rate < 0:
-        bad("optimizer.learning_rate", "must be >= 0")
-    if config.optimizer.grad_accum_steps < 1:
-        bad("optimizer.grad_accum_steps", "must be >= 1")
+    _check_loss_kwargs(config, bad)
+    _check_optimizer(config.optimizer, bad)
+    if not _finite(config.get("num_epochs", 0.0)) or config.get("num_epochs", 0.0) < 0:
+        bad("num_epochs", f"must be a finite number >= 0 (0 = use total_steps), got {config.num_epochs!r}")
     if config.checkpoint.every_steps <= 0:
         bad("checkpoint.every_steps", "must be > 0")
+    if not isinstance(config.checkpoint.keep, int) or config.checkpoint.keep < 1:
+        bad("checkpoint.keep", f"must be an integer >= 1 (checkpoints kept; 0 would keep none, so a stopped run "
+                               f"could not resume), got {config.checkpoint.keep!r}")
     if config.data.on_bad_example not in ("raise", "skip"):
         bad("data.on_bad_example", "must be 'raise' or 'skip'")
     if config.data.truncation_mode not in ("keep_start", "keep_end"):
@@ -48,6 +54,7 @@ def validate_config(config) -> None:
         bad("data.packing", "packing is for SFT only")
     if config.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16")
+    _check_toy_defaults(config, bad)
     if algo.validate is not None:
         algo.validate(config)
     try:
@@ -55,3 +62,77 @@ def validate_config(config) -> None:
                    key="config.mesh")
     except ValueError as e:
         raise ConfigValueError(str(e)) from None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_optimizer(o, bad) -> None:
+    if not _finite(o.learning_rate) or o.learning_rate <= 0:
+        bad("optimizer.learning_rate", f"must be a finite number > 0, got {o.learning_rate!r}")
+    if not isinstance(o.grad_accum_steps, int) or o.grad_accum_steps < 1:
+        bad("optimizer.grad_accum_steps", "must be an integer >= 1")
+    if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
+        bad("optimizer.warmup_steps", f"must be an integer >= 0, got {o.warmup_steps!r}")
+    for key, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):
+        v = o[key]
+        if not _finite(v) or not lo <= v <= hi or (key != "min_lr_ratio" and v == 1.0):
+            bad(f"optimizer.{key}", f"must be in [{lo}, {hi}{']' if key == 'min_lr_ratio' else ')'}, got {v!r}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if not _finite(o[key]) or o[key] < 0:
+            bad(f"optimizer.{key}", f"must be a finite number >= 0, got {o[key]!r}")
+    if not _finite(o.eps) or o.eps <= 0:
+        bad("optimizer.eps", f"must be a finite number > 0, got {o.eps!r}")
+
+
+# Loss arguments the algorithms fill in themselves (from the batch), so they are not `loss.kwargs` options.
+_FILLED_BY_ALGORITHM = {"label_probs", "chosen_lengths", "rejected_lengths", "ref_token_logps", "token_entropy",
+                        "max_completion_length", "num_items_in_batch", "nll_mask", "chosen_nll"}
+
+
+def loss_options(name: str) -> dict:
+    """{option: default} that `loss.kwargs` may set for the registered loss `name` (its keyword arguments, minus
+    those bound by the registry and those the algorithm fills in from the batch)."""
+    fn = get_loss(name)
+    bound = set(getattr(fn, "keywords", {}) or {})
+    sig = inspect.signature(getattr(fn, "func", fn))
+    return {p.name: p.default for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in bound | _FILLED_BY_ALGORITHM}
+
+
+# dpo:* loss types where beta divides (1/(2 beta)); in every other dpo:* type beta = 0 makes the loss constant.
+_BETA_DIVIDES = ("dpo:ipo", "dpo:sppo_hard")
+
+
+def _check_loss_kwargs(config, bad) -> None:
+    options = loss_options(config.loss.name)
+    for key in config.loss.kwargs:
+        if key not in options:
+            bad(f"loss.kwargs.{key}", f"is not an option of loss {config.loss.name!r}; its options are "
+                                      f"{', '.join(f'{k} (default {v!r})' for k, v in options.items())}")
+    beta = config.loss.kwargs.get("beta", options.get("beta"))
+    if not config.loss.name.startswith("dpo:") or beta is None:
+        return
+    if not _finite(beta) or beta < 0:
+        bad("loss.kwargs.beta", f"must be a finite number > 0, got {beta!r}")
+    if beta == 0:
+        why = ("divides by beta (its target margin is 1/(2*beta))" if config.loss.name in _BETA_DIVIDES else
+               "multiplies every log-ratio by beta, so the loss is constant and no gradient flows")
+        bad("loss.kwargs.beta", f"beta=0 cannot train with {config.loss.name}: the loss {why}; use beta > 0 "
+                                f"(TRL's default is 0.1)")
+
+
+def _check_toy_defaults(config, bad) -> None:
+    """Toy-task defaults must not silently stay in a run on the user's own data."""
+    if config.data.train.startswith("toy:"):
+        return
+    if config.data.eval.startswith("toy:"):
+        bad("data.eval", f"is the toy task's held-out set {config.data.eval!r} but data.train is your data "
+                         f"({config.data.train!r}): set --config.data.eval=<your held-out file> (same format), or "
+                         f"--config.data.eval='' for no evaluation")
+    toy_rewards = [f for f in (config.get("rewards", {}).get("functions", ()) or ()) if f.startswith("toy_")]
+    if toy_rewards and config.algorithm in ("grpo", "ppo"):
+        bad("rewards.functions", f"{toy_rewards} score the toy task's prompts only, but data.train is your data "
+                                 f"({config.data.train!r}): set --config.rewards.functions to your reward "
+                                 f"functions ('module:function' or 'rm:<reward model dir>')")

@@ -1,0 +1,130 @@
+"""The command line as a user meets it: --help, --print_config, every documented option settable, user errors as
+one message without a traceback (exit 2), and the config values that cannot work refused naming the key."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from util import ROOT, load_config
+from align_jax.train import train
+from align_jax.train.setup import SetupError
+from align_jax.train.validate import ConfigValueError, validate_config
+
+
+def cli(*args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env.pop("ALIGN_JAX_VERBOSE", None)
+    return subprocess.run([sys.executable, "-m", "align_jax.main", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_help_exits_zero():
+    p = cli("--help")
+    assert p.returncode == 0, p.stderr
+    assert "--print_config" in p.stdout and "--workdir" in p.stdout
+
+
+def test_print_config_shows_values_comments_and_settable_none_and_new_loss_options():
+    p = cli("--config=configs/ppo.py", "--config.ppo.missing_eos_penalty=1.0", "--print_config")
+    assert p.returncode == 0, p.stderr
+    lines = {ln.split(":")[0]: ln for ln in p.stdout.splitlines() if not ln.startswith("#")}
+    assert lines["ppo.missing_eos_penalty"].startswith("ppo.missing_eos_penalty: 1.0")
+    assert "subtracted from the score of a completion without EOS" in lines["ppo.missing_eos_penalty"]
+    assert "Where the weights come from" in lines["model.init_from"]
+    p = cli("--config=configs/ppo.py", "--print_config")
+    assert "ppo.missing_eos_penalty: None" in p.stdout
+    p = cli("--config=configs/grpo.py", "--config.loss.kwargs.epsilon_high=0.28", "--print_config")
+    assert p.returncode == 0, p.stderr
+    assert "loss.kwargs.epsilon_high: 0.28" in p.stdout
+    assert "# loss.kwargs options of grpo:" in p.stdout and "epsilon_high=None" in p.stdout
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("--config=configs/dpo.py", "--config.optimizer.lr=1", "--print_config"),
+     "the config has no key 'optimizer.lr'"),
+    (("--config=configs/dpo.py", "--config.optimzer.learning_rate=1", "--print_config"), 'Did you mean "optimizer"'),
+    (("--config=configs/dpo.py", "--config.optimizer.learning_rate=abc", "--print_config"), "could not convert"),
+    (("--config=configs/dpo.py",), "--workdir is required"),
+    (("--config=configs/dpo.py:tiny", "--workdir=/tmp/align_jax_cli_x", "--config.loss.kwargs.bta=0.5"),
+     "config.loss.kwargs.bta: is not an option of loss 'dpo:sigmoid'"),
+    (("--config=configs/dpo.py:tiny", "--workdir=/tmp/align_jax_cli_x", "--config.data.train=/nonexistent/x.jsonl",
+      "--config.data.eval="), "config.data.train: no file matches '/nonexistent/x.jsonl'"),
+])
+def test_user_errors_are_one_message_without_traceback(args, expect):
+    p = cli(*args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert expect in p.stderr, p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error:")], p.stderr
+
+
+def test_verbose_shows_the_traceback():
+    p = cli("--config=configs/dpo.py:tiny", "--workdir=/tmp/align_jax_cli_x", "--config.loss.kwargs.bta=0.5",
+            "--verbose")
+    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigValueError" in p.stderr
+
+
+@pytest.mark.parametrize("override,key,words", [
+    ({"loss.name": "dpo:ipo", "loss.kwargs.beta": 0.0}, "loss.kwargs.beta", "divides by beta"),
+    ({"loss.kwargs.beta": 0.0}, "loss.kwargs.beta", "no gradient"),
+    ({"loss.kwargs.beta": -0.1}, "loss.kwargs.beta", "> 0"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep", ">= 1"),
+    ({"optimizer.learning_rate": float("nan")}, "optimizer.learning_rate", "finite number > 0"),
+    ({"optimizer.learning_rate": float("inf")}, "optimizer.learning_rate", "finite number > 0"),
+    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate", "finite number > 0"),
+    ({"optimizer.learning_rate": -1e-5}, "optimizer.learning_rate", "finite number > 0"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2", "[0.0, 1.0)"),
+    ({"num_epochs": -1.0}, "num_epochs", ">= 0"),
+    ({"data.train": "/some/where.jsonl"}, "data.eval", "toy task's held-out set"),
+])
+def test_config_values_that_cannot_work_are_refused(override, key, words):
+    c = load_config("dpo", **override)
+    with pytest.raises(ConfigValueError) as e:
+        validate_config(c)
+    assert str(e.value).startswith(f"config.{key}") and words in str(e.value)
+
+
+def test_toy_reward_on_user_prompts_is_refused():
+    c = load_config("grpo", **{"data.train": "/some/prompts.jsonl"})
+    with pytest.raises(ConfigValueError, match=r"config\.rewards\.functions: \['toy_gold'\] score the toy task"):
+        validate_config(c)
+
+
+def test_missing_init_from_directory_is_named(tmp_path):
+    c = load_config("dpo", **{"model.init_from": str(tmp_path / "no_such_model")})
+    with pytest.raises(SetupError, match=r"config\.model\.init_from=.*no_such_model.*no such directory"):
+        train(c, str(tmp_path / "w"))
+
+
+def _eval_loss(tmp_path, name, **kw):
+    c = load_config("dpo", **{"loss.name": name, "total_steps": 1, "checkpoint.every_steps": 1, "export": False,
+                              "optimizer.learning_rate": 1e-9, "eval_batches": 1, "data.length_buckets": (64,),
+                              **kw})
+    out = train(c, str(tmp_path / name.replace(":", "_")))
+    return out["eval/loss"]
+
+
+def test_dpo_eval_loss_is_the_configured_loss(tmp_path):
+    """After one step at lr 1e-9 the policy is the reference up to ~1e-7 in the log-ratios: sigmoid's loss is
+    log 2 per pair, IPO's (0 - 1/(2 beta))^2 = 25 at beta 0.1, hinge's relu(1 - 0) = 1."""
+    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:sigmoid"), np.log(2.0), rtol=1e-4)
+    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:ipo"), 25.0, rtol=1e-4)
+    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:hinge"), 1.0, rtol=1e-4)
+
+
+def test_num_epochs_sets_total_steps(tmp_path):
+    """40 usable pairs, batch 8, 1.5 epochs -> ceil(1.5 * 40 / 8) = 8 steps (written to the run's metrics)."""
+    from align_jax.data.toy import generate
+
+    rows = open(generate(tmp_path / "toy")["pairs"]).readlines()[:40]
+    (tmp_path / "pairs.jsonl").write_text("".join(rows))
+    c = load_config("dpo", **{"data.train": str(tmp_path / "pairs.jsonl"), "data.eval": "", "num_epochs": 1.5,
+                              "total_steps": 1000, "export": False, "checkpoint.every_steps": 100,
+                              "data.length_buckets": (64,)})
+    train(c, str(tmp_path / "w"))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "w" / "metrics.jsonl") if '"loss"' in line]
+    assert max(steps) == 8

@@ -29,6 +29,8 @@ def read_all(builder, split="train"):
 
 PAIR = {"prompt": "p", "chosen": "c", "rejected": "r"}
 GROUP = {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 2, 1]}
+USER, BOT = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}]
+CONV_PAIR = {"prompt": USER, "chosen": BOT, "rejected": [{"role": "assistant", "content": "no"}]}
 
 # (kind, bad line, reason) -- each bad line sits on line 2 between two good lines.
 BAD_CASES = [
@@ -53,6 +55,32 @@ BAD_CASES = [
     ("sft", {"text": ""}, "empty field 'text'"),
     ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
     ("prompt_only", {"question": "p"}, "missing field 'prompt'"),
+    # Issue 10: duplicate keys, identical pairs, roles, float32 overflow.
+    ("pairwise", '{"prompt": "a", "prompt": "b", "chosen": "c", "rejected": "r"}',
+     "duplicate key 'prompt' in a JSON object; keep one value per key"),
+    ("pairwise", '{"prompt": "p", "chosen": [{"role": "assistant", "content": "x", "content": "y"}], "rejected": "r"}',
+     "duplicate key 'content' in a JSON object"),
+    ("pairwise", {"prompt": "p", "chosen": " same", "rejected": "same "},
+     "'chosen' and 'rejected' are identical (after prompt extraction, ignoring surrounding whitespace): "
+     "a preference needs two different responses; fix or drop the record"),
+    ("pairwise", {"chosen": "The sky is blue.", "rejected": "The sky is blue."}, "are identical"),
+    ("pairwise", {**CONV_PAIR, "rejected": BOT}, "are identical"),
+    ("pairwise", {**CONV_PAIR, "prompt": [{"role": "user", "content": "a"}, {"role": "human", "content": "b"}]},
+     "field 'prompt': message 1 has an unknown role 'human' (roles found: user, human); "
+     "use one of system, user, assistant, tool"),
+    ("pairwise", {**CONV_PAIR, "chosen": USER + BOT},
+     "field 'chosen': message 0 has role 'user', not 'assistant' (roles found: user, assistant); "
+     "a completion is assistant messages only (earlier turns belong in 'prompt')"),
+    ("pairwise", {**CONV_PAIR, "rejected": [{"role": "tool", "content": "x"}]},
+     "field 'rejected': message 0 has role 'tool', not 'assistant'"),
+    ("groupwise", {"prompt": USER, "responses": [BOT, USER], "ranks": [0, 1]},
+     "field 'responses[1]': message 0 has role 'user', not 'assistant'"),
+    ("groupwise", {"prompt": "p", "responses": ["a", "b"], "scores": [1e300, 0.0]},
+     "'scores'[0] = 1e+300 overflows float32 (largest finite float32: 3.4028235e+38); rescale the scores"),
+    ("groupwise", {"prompt": "p", "responses": ["a", "b"], "scores": [0, -3.5e38]}, "'scores'[1] = -3.5e+38 overflows"),
+    ("sft", {"messages": [{"role": "user", "content": "q"}, {"role": "gpt", "content": "a"}]},
+     "field 'messages': message 1 has an unknown role 'gpt' (roles found: user, gpt)"),
+    ("prompt_only", {"prompt": [{"role": "System", "content": "q"}]}, "unknown role 'System'"),
 ]
 GOOD = {"pairwise": PAIR, "groupwise": GROUP, "sft": {"text": "t"}, "prompt_only": {"prompt": "p"}}
 
@@ -69,6 +97,54 @@ def test_bad_example_reported_with_file_and_line(tmp_path, kind, bad, reason):
     examples = list(formats.read_examples(path, kind, log))
     assert [ex["source"] for ex in examples] == [f"{path}:1", f"{path}:3"]
     assert log.num_skipped == 1 and log.reasons[0].startswith(f"{path}:2: ") and reason in log.reasons[0]
+
+
+def test_duplicate_key_in_json_array_names_its_element(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text('[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n'
+                    '  {"prompt": "a",\n   "prompt": "b", "chosen": "b", "rejected": "c"},\n'
+                    '  {"prompt": "x", "chosen": "y", "rejected": "z"}\n]\n')  # fmt: skip
+    with pytest.raises(DataError, match=f"^{path}:3: duplicate key 'prompt' in a JSON object; keep one value per key$"):
+        list(formats.read_examples(str(path), "pairwise", SkipLog()))
+    log = SkipLog("skip")
+    assert [e["source"] for e in formats.read_examples(str(path), "pairwise", log)] == [f"{path}:2", f"{path}:5"]
+    assert log.num_skipped == 1
+
+
+@pytest.mark.parametrize("content,what", [
+    ("", "the file is empty (or only blank lines)"),
+    ("\n\n  \n", "the file is empty (or only blank lines)"),
+    (" [ ]\n", "the file is an empty JSON array"),
+])  # fmt: skip
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_empty_file_is_refused_with_its_name(tmp_path, content, what, mode):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        build_dataset(str(path), kind="pairwise", data_dir=str(tmp_path / "tfds"), on_bad_example=mode)
+    assert str(e.value) == f"{path}: no examples: {what}"
+
+
+def test_file_with_only_bad_records_is_refused(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [PAIR])
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, "{nope"])
+    with pytest.raises(DataError) as e:
+        build_dataset([good, path], kind="pairwise", data_dir=str(tmp_path / "tfds"), on_bad_example="skip")
+    assert str(e.value) == (
+        f"no usable example in {path}: 2 records, all bad; first: {path}:1: missing field 'chosen'; "
+        "fix the file, or check that its records have the fields of kind='pairwise'"
+    )
+
+
+def test_build_is_quiet_and_says_what_it_builds(tmp_path, capfd, caplog):
+    path = write_jsonl(tmp_path / "a.jsonl", [PAIR])
+    with caplog.at_level("INFO", logger="align_jax.data.builders"):
+        builder, _ = build_dataset(path, kind="pairwise", data_dir=str(tmp_path / "tfds"))
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out + err and "downloaded and prepared" not in out + err
+    assert "Generating" not in out + err and "Using custom data configuration" not in caplog.text
+    ours = [r.getMessage() for r in caplog.records if r.name == "align_jax.data.builders"]
+    assert ours == [f"building dataset from {path} -> {builder.data_dir}"]
 
 
 def test_build_raise_and_skip_counts(tmp_path):

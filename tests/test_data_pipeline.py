@@ -1,6 +1,8 @@
 """Grain pipeline: seeds, sharding, checkpoint/restore, bucketing, packing, bad examples at tokenization time."""
 
+import glob
 import json
+import os
 
 import grain
 import numpy as np
@@ -9,8 +11,9 @@ from etils import epath
 
 from align_jax.data.builders import build_dataset
 from align_jax.data.formats import DataError
+from align_jax.data import pipeline, tokenize
 from align_jax.data.pipeline import make_loader
-from test_data_tokenize import BOS, EOS, FINE, HELLO, PAD, VOCAB, WORLD, make_tokenizer
+from test_data_tokenize import BOS, CHAT_TEMPLATE, EOS, FINE, HELLO, PAD, VOCAB, WORLD, make_tokenizer
 
 TOK = make_tokenizer()
 N = 20
@@ -157,3 +160,99 @@ def test_orbax_checkpoint_manager_restores_iterator(source, tmp_path):
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
     with pytest.raises(ValueError, match="not those of kind='sft'"):
         make_loader(source, TOK, kind="sft", batch_size=2)
+
+
+def built(tmp_path, rows, kind="pairwise"):
+    """(path, source) of ``rows`` written as JSONL and built."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder, _ = build_dataset(str(path), kind=kind, data_dir=str(tmp_path / "tfds"))
+    return str(path), builder.as_data_source("train")
+
+
+LONG = {"prompt": "hello world fine fine fine fine", "chosen": " fine", "rejected": " world"}  # prompt: 7 tokens
+TOO_LONG = "prompt has 7 tokens, >= max_length=6: no completion token would remain; raise max_length"
+
+
+def test_skips_counted_once_before_training_over_epochs_and_restarts(tmp_path):
+    rows = [{"prompt": f"hello {i}", "chosen": " fine", "rejected": " world"} for i in range(5)]
+    rows[1] = rows[3] = LONG
+    path, src = built(tmp_path, rows)
+    kw = dict(kind="pairwise", batch_size=2, seed=0, max_length=6, length_buckets=(8,), on_bad_example="skip")
+    ds, skips = make_loader(src, TOK, **kw)
+    assert skips.num_skipped == 2 and [r.split(" (or")[0] for r in skips.reasons] == [
+        f"{path}:2: {TOO_LONG}", f"{path}:4: {TOO_LONG}"
+    ]  # fmt: skip
+    it = iter(ds)  # infinite: 15 batches = 10 epochs of the 3 good records
+    seen = [i for _ in range(15) for i in next(it)["record_index"].tolist()]
+    assert skips.num_skipped == 2 and sorted(seen) == sorted([0, 2, 4] * 10)  # original record indices kept
+    _, again = make_loader(src, TOK, **kw)  # a restarted run
+    assert again == skips
+
+
+def test_validation_pass_cached_in_process_and_next_to_the_dataset(tmp_path, monkeypatch):
+    calls = []
+    real = tokenize.TOKENIZERS["pairwise"]
+    monkeypatch.setitem(tokenize.TOKENIZERS, "pairwise", lambda ex, tok, cfg: calls.append(1) or real(ex, tok, cfg))
+    rows = [{"prompt": f"hello {i}", "chosen": " fine", "rejected": " world"} for i in range(4)]
+    rows[1] = LONG
+    path, src = built(tmp_path, rows)
+    kw = dict(kind="pairwise", max_length=6, length_buckets=(8,), on_bad_example="skip")
+    _, skips = make_loader(src, TOK, batch_size=2, **kw)
+    assert len(calls) == 4 and skips.num_skipped == 1
+    _, again = make_loader(src, TOK, batch_size=1, shuffle=False, num_epochs=1, drop_remainder=False, **kw)  # eval
+    assert len(calls) == 4 and again == skips
+    (saved,) = glob.glob(os.path.join(src.dataset_info.data_dir, "tokenize_check-train-*.json"))
+    assert json.loads(open(saved).read())["bad"] == [1]
+    pipeline._CHECKS.clear()  # a new process: reads the saved pass
+    _, restarted = make_loader(src, TOK, batch_size=2, **kw)
+    assert len(calls) == 4 and restarted == skips
+    _, other = make_loader(src, TOK, batch_size=2, **{**kw, "max_length": 8})  # other options: another pass
+    assert len(calls) == 8 and other.num_skipped == 0
+    with pytest.raises(DataError, match=f"^{path}:2: {TOO_LONG}"):  # raise mode on a cached pass
+        make_loader(src, TOK, batch_size=2, **{**kw, "on_bad_example": "raise"})
+
+
+def test_no_usable_example_raises_instead_of_looping_forever(tmp_path):
+    rows = [{"prompt": f"hello world {i}", "chosen": " fine", "rejected": " world"} for i in range(3)]  # 4 tokens
+    path, src = built(tmp_path, rows)
+    with pytest.raises(DataError) as e:
+        make_loader(src, TOK, kind="pairwise", batch_size=2, max_length=4, length_buckets=(8,), on_bad_example="skip")
+    assert str(e.value) == (
+        f"no usable example in {path}: 3 examples, all bad; first: {path}:1: prompt has 4 tokens, >= max_length=4: "
+        "no completion token would remain; raise max_length (or set max_prompt_length, or use "
+        "truncation_mode='keep_end'); all too long for max_length=4: raise data.max_length"
+    )
+
+
+def test_truncated_examples_counted_and_logged_once(tmp_path, caplog):
+    rows = [{"prompt": "hello", "chosen": " fine" * k, "rejected": " world"} for k in (1, 4, 2, 5, 1)]
+    path, src = built(tmp_path, rows)  # chosen: k + 3 tokens
+    kw = dict(kind="pairwise", batch_size=5, shuffle=False, num_epochs=1, max_length=6, length_buckets=(8,))
+    with caplog.at_level("WARNING", logger="align_jax.data.pipeline"):
+        ds, skips = make_loader(src, TOK, **kw)
+        make_loader(src, TOK, **kw)  # cached: not logged again
+    assert (skips.num_skipped, skips.num_truncated, skips.truncated_sources) == (0, 2, [f"{path}:2", f"{path}:4"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 of 5 examples were truncated to max_length=6 (first: {path}:2, {path}:4)"
+    ]  # fmt: skip
+    (batch,) = list(ds)
+    assert batch["chosen_attention_mask"].sum(1).tolist() == [4, 6, 5, 6, 4]
+
+
+def test_chat_template_failure_is_a_bad_example_with_its_line(tmp_path):
+    tok = make_tokenizer()
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    tok.chat_template += CHAT_TEMPLATE
+    user = [{"role": "user", "content": "hello"}]
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": "bad"}]} for a in ("fine", "you", "world")]  # fmt: skip
+    rows[1]["prompt"] = [{"role": "system", "content": "how"}, *user]
+    path, src = built(tmp_path, rows)
+    kw = dict(kind="pairwise", batch_size=2, shuffle=False, num_epochs=1, length_buckets=(16,))
+    reason = f"{path}:2: the tokenizer's chat template failed on this conversation: TemplateError: no system role"
+    with pytest.raises(DataError, match=f"^{reason}"):
+        make_loader(src, tok, **kw)
+    ds, skips = make_loader(src, tok, on_bad_example="skip", **kw)
+    assert skips.num_skipped == 1 and skips.reasons[0].startswith(reason)
+    assert [b["record_index"].tolist() for b in ds] == [[0, 2]]

@@ -204,3 +204,38 @@ def test_collate_groupwise_and_prompt_only():
     assert batch["prompt_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 6 + [1, 1], [0] * 8]
     assert list(batch["prompt_text"]) == ["how are you ?", "hello", ""]
     assert list(batch["extra"]) == [{}, {"a": 1}, {}] and batch["example_weight"].tolist() == [1, 1, 0]
+
+
+def test_truncated_flag():
+    ex = pairwise("hello world", " fine !", " bad")  # 6 and 5 tokens, prompt 3
+    assert tokenize_pairwise(ex, TOK, BIG)["truncated"] is False
+    assert tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=6))["truncated"] is False  # exactly fits
+    assert tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=5))["truncated"] is True  # chosen loses EOS
+    assert tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=100, max_prompt_length=2))["truncated"] is True
+    assert tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=100, max_prompt_length=3))["truncated"] is False
+    group = {"prompt": "hello", "responses": [" fine", " bad ! !"], "ranks": [0, 1], "scores": [0.0, -1.0],
+             "conversational": 0}  # fmt: skip
+    assert [tokenize_groupwise(group, TOK, TokenizeConfig(n))["truncated"] for n in (6, 5)] == [False, True]
+    sft = {"prompt": "", "completion": "hello world", "conversational": 0}  # 4 tokens
+    assert [tokenize_sft(sft, TOK, TokenizeConfig(n))["truncated"] for n in (4, 3)] == [False, True]
+    sft = {"prompt": "hello world", "completion": " fine", "conversational": 0}  # prompt 3, total 5
+    assert tokenize_sft(sft, TOK, TokenizeConfig(10, max_prompt_length=2))["truncated"] is True
+    prompt = {"prompt": "how are you ?", "conversational": 0, "extra": "{}"}  # 5 tokens
+    assert [tokenize_prompt_only(prompt, TOK, TokenizeConfig(n))["truncated"] for n in (5, 4)] == [False, True]
+
+
+def test_chat_template_exception_is_a_bad_example():
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHAT_TEMPLATE
+    )
+    msgs = [{"role": "system", "content": "hello"}, {"role": "user", "content": "how are you ?"}]
+    ex = pairwise(msgs, [{"role": "assistant", "content": "fine"}], [{"role": "assistant", "content": "bad"}], True)
+    with pytest.raises(InvalidRecord) as e:
+        tokenize_pairwise(ex, tok, BIG)
+    assert str(e.value) == (
+        "the tokenizer's chat template failed on this conversation: TemplateError: System role not supported; "
+        "fix the messages (roles, order) or use a tokenizer whose template accepts them"
+    )
+    assert tokenize_pairwise(ex, TOK, BIG)["truncated"] is False  # the same example, with a template that accepts it

@@ -1,8 +1,15 @@
-"""Raw data formats: reading JSON / JSONL files and validating each record into a normalized example.
+"""Raw data formats: reading JSON / JSONL / Parquet / Arrow files and validating each record into a normalized
+example.
 
 Input files are a JSON array of objects (``[{...}, {...}]``) or JSON Lines (one object per line); a ``.gz``
 suffix means gzip. The format is sniffed: a file whose first non-blank character is ``[`` is an array, anything
-else is read as JSONL (so ``.json`` files holding JSONL work too). Blank lines in JSONL are ignored.
+else is read as JSONL (so ``.json`` files holding JSONL work too). Blank lines in JSONL are ignored. An object
+with a duplicate key (``{"prompt": "a", "prompt": "b"}``) is a bad record.
+
+Tables: ``.parquet`` files and ``.arrow`` files (Arrow IPC, stream or file format -- the data files of a Hugging
+Face ``save_to_disk`` directory, see ``builders``) are read with pyarrow, one record per row (a null value is an
+absent field, as Arrow has no "absent"). Rows go through the same parsers as JSON records; their ``source`` is
+``"path:row n"`` (0-based, as ``dataset[n]``).
 
 Record formats, by ``kind`` (field names as in TRL; conversational values are lists of
 ``{"role": str, "content": str}`` messages, rendered later with the tokenizer's chat template):
@@ -19,13 +26,21 @@ Record formats, by ``kind`` (field names as in TRL; conversational values are li
 * ``sft``        ``{"messages": [...]}`` or ``{"prompt", "completion"}`` or ``{"text"}`` (first match wins).
 * ``prompt_only`` ``{"prompt"}``; other fields are kept as ``extra`` (e.g. the answer a reward function needs).
 
+Messages: ``role`` is one of ``ROLES`` (system, user, assistant, tool); the completions of pairwise and
+groupwise data (``chosen``, ``rejected``, ``responses``) are assistant messages only. A pair whose ``chosen`` and
+``rejected`` are identical (after prompt extraction, ignoring surrounding whitespace) is a bad record, and so are
+groupwise ``scores`` that do not fit in float32 (they are stored as float32).
+
 Normalized example (what the TFDS builder stores). Strings are stored as text; a conversational value is stored as
-its JSON encoding and ``conversational`` is 1. ``source`` is ``"path:line"`` so later errors can name the line.
+its JSON encoding and ``conversational`` is 1. ``source`` is ``"path:line"`` (``"path:row n"`` for tables) so later
+errors can name the record.
 
 Bad input (malformed JSON, invalid UTF-8, non-object record, missing/empty/non-string field, bad ranks, ...)
 raises ``DataError("path:line: reason")``. With ``on_bad_example="skip"`` the record is skipped and counted in a
 ``SkipLog`` (count + first reasons, logged). Syntax or encoding errors inside a JSON *array* file cannot be
-localized to one element, so they always raise.
+localized to one element, so they always raise. A file without any record raises
+``DataError("path: no examples: ...")`` and one whose records are all bad ``DataError("no usable example in
+path: ...")``, in both modes.
 """
 
 from __future__ import annotations
@@ -38,13 +53,19 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from align_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("pairwise", "groupwise", "sft", "prompt_only")
 ON_BAD_EXAMPLE = ("raise", "skip")
+ROLES = ("system", "user", "assistant", "tool")  # message roles a chat template is expected to know
 MAX_REASONS = 10  # reasons kept (and logged one by one) per SkipLog
+MAX_TRUNCATED = 5  # sources of truncated examples kept per SkipLog
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read with pyarrow, one record per row
 
 
 class DataError(UserError, ValueError):
@@ -57,11 +78,17 @@ class InvalidRecord(ValueError):
 
 @dataclasses.dataclass
 class SkipLog:
-    """Counts skipped bad examples and keeps the first ``MAX_REASONS`` reasons (each also logged)."""
+    """Counts skipped bad examples and keeps the first ``MAX_REASONS`` reasons (each also logged).
+
+    ``num_truncated`` / ``truncated_sources`` (the first ``MAX_TRUNCATED``): examples that were legal but lost
+    tokens to ``max_length`` / ``max_prompt_length`` (set by ``pipeline.make_loader``).
+    """
 
     on_bad_example: str = "raise"
     num_skipped: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
+    num_truncated: int = 0
+    truncated_sources: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.on_bad_example not in ON_BAD_EXAMPLE:
@@ -90,17 +117,40 @@ def _read_bytes(path: str) -> bytes:
     return data
 
 
+class _Decoder(json.JSONDecoder):
+    """``json.JSONDecoder`` that notes the duplicate keys of the objects it decodes (``object_pairs_hook``)."""
+
+    def __init__(self):
+        super().__init__(object_pairs_hook=self._object)
+        self.duplicates: list[str] = []
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen = set()
+            self.duplicates += [k for k, _ in pairs if k in seen or seen.add(k)]
+        return obj
+
+    def checked(self, value: Any, where: str) -> Any:
+        """``value``, or a ``DataError`` when the objects just decoded had a duplicate key (then reset)."""
+        if not self.duplicates:
+            return value
+        key, self.duplicates = self.duplicates[0], []
+        return DataError(f"{where}: duplicate key {key!r} in a JSON object; keep one value per key")
+
+
 def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
     """Yields ``(line_number, value)`` per record of a JSONL or JSON-array file (1-based line numbers).
 
-    A JSONL line that is not valid UTF-8 or not valid JSON yields ``(line, DataError)`` instead of a value, so
-    the caller may skip it. For a JSON array the line is that of the element's first character; a syntax or
-    encoding error in an array raises ``DataError`` directly.
+    A JSONL line that is not valid UTF-8 or not valid JSON, or a record with a duplicate key, yields
+    ``(line, DataError)`` instead of a value, so the caller may skip it. For a JSON array the line is that of the
+    element's first character; a syntax or encoding error in an array raises ``DataError`` directly.
     """
     data = _read_bytes(path)
     if data.lstrip()[:1] == b"[":
         yield from _iter_json_array(path, data)
         return
+    decoder = _Decoder()
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -110,9 +160,12 @@ def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
             yield line_no, DataError(f"{path}:{line_no}: invalid UTF-8 at byte {e.start} of the line")
             continue
         try:
-            yield line_no, json.loads(text)
+            value = decoder.decode(text)
         except json.JSONDecodeError as e:
+            decoder.duplicates = []
             yield line_no, DataError(f"{path}:{line_no}: malformed JSON: {e.msg} (column {e.colno})")
+            continue
+        yield line_no, decoder.checked(value, f"{path}:{line_no}")
 
 
 def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -121,7 +174,7 @@ def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    decoder = json.JSONDecoder()
+    decoder = _Decoder()
     pos = text.index("[") + 1
     line, line_pos = 1, 0  # line number of offset line_pos (counted incrementally)
 
@@ -144,7 +197,8 @@ def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        yield line_of(pos), value
+        line = line_of(pos)
+        yield line, decoder.checked(value, f"{path}:{line}")
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_ws(pos + 1)
@@ -156,21 +210,94 @@ def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{line_of(min(pos, len(text)))}: malformed JSON array: expected ',' or ']'")
 
 
+def is_table_file(path: str) -> bool:
+    return str(path).endswith(TABLE_SUFFIXES)
+
+
+def _drop_nulls(value: Any) -> Any:
+    """Arrow has no absent field: a null struct field / column is dropped, as if absent from a JSON object."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def iter_table_rows(path: str, batch_size: int = 1024) -> Iterator[tuple[int, dict]]:
+    """Yields ``(row, record)`` per row of a ``.parquet`` or ``.arrow`` (IPC stream or file) file, rows 0-based."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if str(path).endswith(".parquet"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        else:
+            with open(path, "rb") as f:
+                is_file_format = f.read(6) == b"ARROW1"
+            source = pa.memory_map(str(path))
+            if is_file_format:
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = pa.ipc.open_stream(source)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield row, _drop_nulls(record)
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        kind = "Parquet" if str(path).endswith(".parquet") else "Arrow IPC"
+        raise DataError(f"{path}: not a readable {kind} file ({e}); check the file, or rewrite it") from None
+
+
+def iter_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yields ``(source, value)`` per record of a JSON / JSONL / table file; ``source`` is ``path:line`` or
+    ``path:row n``; ``value`` may be a ``DataError`` (a record that could not be read)."""
+    if is_table_file(path):
+        for row, value in iter_table_rows(path):
+            yield f"{path}:row {row}", value
+    else:
+        for line_no, value in iter_json_records(path):
+            yield f"{path}:{line_no}", value
+
+
 def read_examples(path: str, kind: str, skip_log: SkipLog, parse=None) -> Iterator[dict]:
-    """Yields normalized examples of ``path`` (each with ``source = "path:line"``), bad ones via ``skip_log``."""
+    """Yields normalized examples of ``path`` (each with its ``source``), bad ones via ``skip_log``.
+
+    Raises ``DataError`` when the file has no record at all, or (in skip mode) when every record was bad.
+    """
     parse = parse or PARSERS[kind]
-    for line_no, value in iter_json_records(path):
-        where = f"{path}:{line_no}"
+    num_records = num_good = 0
+    first_bad = None
+    for where, value in iter_records(path):
+        num_records += 1
         if isinstance(value, DataError):
-            skip_log.bad(str(value))
-            continue
-        try:
-            example = parse(value)
-        except InvalidRecord as e:
-            skip_log.bad(f"{where}: {e}")
-            continue
-        example["source"] = where
-        yield example
+            message = str(value)
+        else:
+            try:
+                example = parse(value)
+            except InvalidRecord as e:
+                message = f"{where}: {e}"
+            else:
+                example["source"] = where
+                num_good += 1
+                yield example
+                continue
+        first_bad = first_bad or message
+        skip_log.bad(message)
+    if not num_records:
+        if is_table_file(path):
+            what = "the table has no rows"
+        elif _read_bytes(path).lstrip()[:1] == b"[":
+            what = "the file is an empty JSON array"
+        else:
+            what = "the file is empty (or only blank lines)"
+        raise DataError(f"{path}: no examples: {what}")
+    if not num_good:
+        raise DataError(
+            f"no usable example in {path}: {num_records} records, all bad; first: {first_bad}; "
+            f"fix the file, or check that its records have the fields of kind={kind!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------------ field validation
@@ -183,6 +310,7 @@ def _field(obj: dict, name: str) -> Any:
 
 
 def _messages(value: Any, name: str) -> list[dict]:
+    """A non-empty list of ``{role, content}`` string messages whose roles are in ``ROLES``."""
     if not value:
         raise InvalidRecord(f"empty field {name!r}")
     for i, m in enumerate(value):
@@ -190,7 +318,23 @@ def _messages(value: Any, name: str) -> list[dict]:
             raise InvalidRecord(f"field {name!r}: message {i} is not a {{'role', 'content'}} object")
         if not isinstance(m["role"], str) or not isinstance(m["content"], str):
             raise InvalidRecord(f"field {name!r}: message {i} has a non-string role or content")
+    _check_roles(value, name, ROLES, "an unknown role {!r}", f"use one of {', '.join(ROLES)}")
     return list(value)
+
+
+def _check_roles(messages: list[dict], name: str, allowed: tuple[str, ...], what: str, fix: str) -> None:
+    for i, m in enumerate(messages):
+        if m["role"] not in allowed:
+            found = ", ".join(dict.fromkeys(m["role"] for m in messages))
+            what = what.format(m["role"])
+            raise InvalidRecord(f"field {name!r}: message {i} has {what} (roles found: {found}); {fix}")
+
+
+def _check_completion(value: str | list[dict], name: str) -> None:
+    """The completions of preference data are the model's turns: assistant messages only."""
+    if not isinstance(value, str):
+        fix = "a completion is assistant messages only (earlier turns belong in 'prompt')"
+        _check_roles(value, name, ("assistant",), "role {!r}, not 'assistant'", fix)
 
 
 def is_conversational_value(value: Any) -> bool:
@@ -248,6 +392,12 @@ def _require_object(obj: Any) -> dict:
     return obj
 
 
+def _stripped(value: str | list[dict]):
+    if isinstance(value, str):
+        return value.strip()
+    return [(m["role"], m["content"].strip()) for m in value]
+
+
 def parse_pairwise(obj: Any) -> dict:
     obj = _require_object(obj)
     chosen, rejected = _text_or_messages(obj, "chosen"), _text_or_messages(obj, "rejected")
@@ -260,6 +410,13 @@ def parse_pairwise(obj: Any) -> dict:
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if not prompt:
             raise InvalidRecord("implicit prompt: the extracted prompt is empty")
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    if _stripped(chosen) == _stripped(rejected):
+        raise InvalidRecord(
+            "'chosen' and 'rejected' are identical (after prompt extraction, ignoring surrounding whitespace): "
+            "a preference needs two different responses; fix or drop the record"
+        )
     prob = obj.get("chosen_prob", 1.0)
     if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         raise InvalidRecord(f"'chosen_prob' must be a number in [0, 1], got {prob!r}")
@@ -305,6 +462,8 @@ def parse_groupwise(obj: Any) -> dict:
     responses = [_text_or_messages({"responses": r}, "responses") for r in responses]
     if not _same_form([prompt, *responses]):
         raise InvalidRecord("'prompt' and 'responses' must all be strings or all be message lists")
+    for i, r in enumerate(responses):
+        _check_completion(r, f"responses[{i}]")
     k = len(responses)
     if "ranks" not in obj and "scores" not in obj:
         raise InvalidRecord("missing field 'ranks' (or 'scores')")
@@ -321,6 +480,12 @@ def parse_groupwise(obj: Any) -> dict:
             raise InvalidRecord("'scores' must be a list of finite numbers")
         if len(scores) != k:
             raise InvalidRecord(f"'scores' has {len(scores)} entries but 'responses' has {k}")
+        for i, s in enumerate(scores):
+            if abs(s) > FLOAT32_MAX:
+                raise InvalidRecord(
+                    f"'scores'[{i}] = {s!r} overflows float32 (largest finite float32: {FLOAT32_MAX:.8g}); "
+                    "rescale the scores"
+                )
     if ranks is None:
         ranks = competition_ranks(scores)
     if scores is None:
@@ -372,11 +537,11 @@ def parse_prompt_only(obj: Any) -> dict:
     obj = _require_object(obj)
     prompt = _text_or_messages(obj, "prompt")
     extra = {k: v for k, v in obj.items() if k != "prompt"}
-    return {
-        "prompt": _encode(prompt),
-        "conversational": int(not isinstance(prompt, str)),
-        "extra": json.dumps(extra, ensure_ascii=False),
-    }
+    try:
+        extra = json.dumps(extra, ensure_ascii=False)
+    except (TypeError, ValueError) as e:  # e.g. a binary column of a Parquet / Arrow table
+        raise InvalidRecord(f"the fields other than 'prompt' are not JSON-serializable ({e}); drop them") from None
+    return {"prompt": _encode(prompt), "conversational": int(not isinstance(prompt, str)), "extra": extra}
 
 
 PARSERS = {

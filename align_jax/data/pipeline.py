@@ -1,18 +1,33 @@
-"""Grain input pipeline: TFDS data source -> shuffled, sharded, tokenized, bucket-padded numpy batches.
+"""Grain input pipeline: TFDS data source -> checked, shuffled, sharded, tokenized, bucket-padded numpy batches.
 
     ds, skips = make_loader(source, tokenizer, kind="pairwise", batch_size=8, seed=0, max_length=512)
     it = iter(ds)                    # grain DatasetIterator
     batch = next(it)
     state = it.get_state()           # ... later: it = iter(ds); it.set_state(state) -> the same next batch
 
+Validation pass (``check_source``): before the pipeline is built, every record of the source is tokenized once,
+in record order, with the same functions and options as the pipeline. A bad example (e.g. a prompt of
+``>= max_length`` tokens, a chat template that fails) raises its ``DataError("file:line: ...")`` there in raise
+mode; in skip mode its index is left out of the pipeline. So ``skips`` (a ``SkipLog``) holds, before the first
+batch, the exact number of bad examples of the whole source (each counted once, the same in every run and after a
+restart), their first reasons, and ``num_truncated``: legal examples cut by ``max_length`` /
+``max_prompt_length`` (logged once as "N of M examples were truncated ..."). A source without any usable example
+raises ``DataError("no usable example in <files>: ...")`` instead of looping forever. The pass is memoized
+in-process (key: the built dataset's directory and split, the tokenizer's name_or_path, size, chat template and
+EOS, the tokenize options, kind, group_size) and stored as ``tokenize_check-{split}-{hash}.json`` in the TFDS
+dataset's directory, so re-created (eval) loaders and restarted runs do not redo it. Other sources (e.g. a list
+of records) are checked at every call. A progress bar is shown for more than ``PROGRESS_MIN_RECORDS`` records
+(on a terminal).
+
 The pipeline (Grain's dataset API)::
 
-    MapDataset.source(source)[shard_index::shard_count]   # this process's shard (ShardByJaxProcess by default)
+    MapDataset.source(good record indices)              # the records that passed the check
+      .map(read record)                                   # (original index, record): record_index keys per-example
+      [shard_index::shard_count]                          # this process's shard (ShardByJaxProcess by default)
       .shuffle(seed)                                      # reshuffled each epoch (seed + epoch)
       .repeat(num_epochs)                                 # None = forever
       .to_iter_dataset()
       .map(decode + tokenize)                             # align_jax.data.tokenize, TRL 1.x semantics
-      .filter(bad examples: raise DataError, or skip and count in `skips`)
       [FirstFitPackIterDataset]                           # SFT packing=True
       .batch(batch_size, drop_remainder, batch_fn=collate) # right-pad to a length bucket
       [ThreadPrefetchIterDataset]                         # prefetch > 0
@@ -21,8 +36,7 @@ Tokenization runs on the consumer side of ``to_iter_dataset`` (one thread; with 
 thread), because Hugging Face fast tokenizers are not safe to call from several threads at once. Everything is a
 deterministic function of (data, seed, shard), so ``get_state``/``set_state`` -- or Orbax with
 ``grain.checkpoint.CheckpointHandler`` (grain 0.2.18; it saves ``process_{i}-of-{n}.json`` per process) --
-resumes with exactly the next batch. ``skips`` counts the bad examples met by all iterators of the dataset
-so far.
+resumes with exactly the next batch.
 
 Shapes: a batch is padded (right, with ``pad_token_id``; masks 0) to the smallest ``length_buckets`` entry
 >= its longest sequence, so a jitted step compiles once per bucket. A last partial batch (``drop_remainder=
@@ -44,19 +58,33 @@ False``, for eval) is padded with rows of ``example_weight`` 0. Batches (numpy, 
   ``max_prompt_length`` (or ``max_length``) tokens; Lp is bucketed like L.
 
 Sharding: slicing by process happens before shuffling, so each process reads only its own ``1/process_count``
-of the records (sizes differ by at most one). With a finite ``num_epochs``, processes may then yield different
-numbers of batches; prefer ``num_epochs=None`` (step-based training) on several hosts.
+of the good records (sizes differ by at most one); the validation pass reads all records on every process, so
+``skips`` is the same everywhere. With a finite ``num_epochs``, processes may then yield different numbers of
+batches; prefer ``num_epochs=None`` (step-based training) on several hosts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
 
 import grain
 import numpy as np
+import tqdm
 
 from align_jax.data import formats, tokenize
-from align_jax.data.formats import InvalidRecord, SkipLog
+from align_jax.data.formats import DataError, InvalidRecord, SkipLog
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_MIN_RECORDS = 10_000  # the validation pass shows a progress bar above this many records
+_CHECK_VERSION = "1"  # bump when the tokenization (what is bad, what is truncated) changes
+_READ_CHUNK = 1024  # records read at once by the validation pass
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -83,33 +111,189 @@ def decode_record(record: dict) -> dict:
     return out
 
 
-class _Bad:
-    """Marker flowing through the pipeline in place of an example that failed to tokenize."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _tokenize_record(indexed_record, *, kind, tokenizer, cfg, group_size):
-    index, record = indexed_record
-    ex = decode_record(record)
-    source = ex.get("source", "?")
+def _tokenize(ex: dict, *, kind, tokenizer, cfg, group_size) -> dict:
+    """The tokenized example of a decoded record; a bad example raises ``DataError("source: reason")``."""
     try:
         out = tokenize.TOKENIZERS[kind](ex, tokenizer, cfg)
         if kind == "groupwise" and group_size is not None and len(out["input_ids"]) > group_size:
-            raise InvalidRecord(f"group of {len(out['input_ids'])} responses > group_size={group_size}")
+            raise InvalidRecord(
+                f"group of {len(out['input_ids'])} responses > group_size={group_size}; raise group_size"
+            )
     except InvalidRecord as e:
-        return _Bad(f"{source}: {e}")
-    if kind == "pairwise":
+        raise DataError(f"{ex.get('source', '?')}: {e}") from None
+    return out
+
+
+def _example(indexed_record, **kw) -> dict:
+    """The pipeline's map: a tokenized example of a record that passed the validation pass."""
+    index, record = indexed_record
+    out = _tokenize(decode_record(record), **kw)
+    del out["truncated"]
+    if kw["kind"] == "pairwise":
         out["record_index"] = np.int32(index)  # position in the data source (keys precomputed per-example values)
     return out
 
 
-def _keep(x, skips: SkipLog) -> bool:
-    if isinstance(x, _Bad):
-        skips.bad(x.message)  # raises DataError in raise mode
-        return False
-    return True
+# ---------------------------------------------------------------------------------------------- validation pass
+
+
+@dataclasses.dataclass
+class Check:
+    """Result of the validation pass over a source of ``num_records`` records.
+
+    ``bad``: indices of the bad records (ascending), ``reasons``: the first ``MAX_REASONS`` of their messages;
+    ``num_truncated`` / ``truncated``: examples cut by max_length / max_prompt_length and the first
+    ``MAX_TRUNCATED`` of their sources; ``files``: the files the records come from (first-seen order).
+    """
+
+    num_records: int
+    bad: list[int] = dataclasses.field(default_factory=list)
+    reasons: list[str] = dataclasses.field(default_factory=list)
+    num_truncated: int = 0
+    truncated: list[str] = dataclasses.field(default_factory=list)
+    files: list[str] = dataclasses.field(default_factory=list)
+
+    def good_indices(self) -> np.ndarray:
+        keep = np.ones((self.num_records,), bool)
+        keep[self.bad] = False
+        return np.flatnonzero(keep)
+
+    def skip_log(self, on_bad_example: str) -> SkipLog:
+        return SkipLog(on_bad_example, len(self.bad), list(self.reasons), self.num_truncated, list(self.truncated))
+
+
+def _read(source, indices: list[int]) -> list:
+    getitems = getattr(source, "__getitems__", None)  # TFDS sources read a batch of records at once
+    return list(getitems(indices)) if getitems else [source[i] for i in indices]
+
+
+def check_source(source, tokenizer, *, kind: str, cfg: tokenize.TokenizeConfig, group_size: int | None = None,
+                 on_bad_example: str = "skip") -> Check:
+    """Tokenizes every record of ``source`` once (a plain loop, in record order).
+
+    In raise mode the first bad example raises its ``DataError``; in skip mode bad examples are collected.
+    """
+    n = len(source)
+    check, files = Check(n), {}
+    kw = dict(kind=kind, tokenizer=tokenizer, cfg=cfg, group_size=group_size)
+    quiet = None if n > PROGRESS_MIN_RECORDS else True  # None: a bar on a terminal only
+    with tqdm.tqdm(total=n, desc="checking examples", unit=" examples", disable=quiet) as bar:
+        for start in range(0, n, _READ_CHUNK):
+            indices = list(range(start, min(n, start + _READ_CHUNK)))
+            for i, record in zip(indices, _read(source, indices)):
+                ex = decode_record(record)
+                where = ex.get("source", "?")
+                files.setdefault(where.rsplit(":", 1)[0])
+                try:
+                    out = _tokenize(ex, **kw)
+                except DataError as e:
+                    if on_bad_example == "raise":
+                        raise
+                    check.bad.append(i)
+                    if len(check.reasons) < formats.MAX_REASONS:
+                        check.reasons.append(str(e))
+                    continue
+                if out["truncated"]:
+                    check.num_truncated += 1
+                    if len(check.truncated) < formats.MAX_TRUNCATED:
+                        check.truncated.append(where)
+            bar.update(len(indices))
+    check.files = list(files)
+    return check
+
+
+_CHECKS: dict[tuple, Check] = {}  # in-process memo of validation passes
+
+
+def _check_key(source, tokenizer, kind: str, cfg: tokenize.TokenizeConfig, group_size: int | None):
+    """What a validation pass depends on; None for a source that is not a built TFDS dataset (not cached)."""
+    info = getattr(source, "dataset_info", None)
+    if getattr(info, "data_dir", None) is None or getattr(source, "split", None) is None:
+        return None
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    return (
+        _CHECK_VERSION, os.fspath(info.data_dir), str(source.split), kind, group_size, dataclasses.astuple(cfg),
+        str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), str(tokenizer.eos_token),
+        hashlib.sha256(template.encode()).hexdigest(),
+    )  # fmt: skip
+
+
+def _check_path(key: tuple) -> str:
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    split = "".join(c if c.isalnum() or c in "-_." else "_" for c in key[2])
+    return os.path.join(key[1], f"tokenize_check-{split}-{digest}.json")
+
+
+def _load_check(path: str, num_records: int) -> Check | None:
+    try:
+        with open(path) as f:
+            check = Check(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+    return check if check.num_records == num_records else None
+
+
+def _save_check(path: str, check: Check) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tokenize_check-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(check), f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the dataset's other files are readable
+        os.replace(tmp, path)  # atomic: processes sharing the directory write the same content
+    except OSError as e:  # e.g. a read-only dataset directory: the pass is redone by the next process
+        logger.info("could not save the validation pass to %s: %s", path, e)
+
+
+def _log_check(check: Check, cfg: tokenize.TokenizeConfig) -> None:
+    n = check.num_records
+    if check.bad:
+        logger.warning(
+            "skipping %d of %d examples that fail to tokenize; first:\n  %s", len(check.bad), n,
+            "\n  ".join(check.reasons),
+        )  # fmt: skip
+    if check.num_truncated:
+        limits = f"max_length={cfg.max_length}"
+        if cfg.max_prompt_length:
+            limits += f" / max_prompt_length={cfg.max_prompt_length}"
+        logger.warning(
+            "%d of %d examples were truncated to %s (first: %s)", check.num_truncated, n, limits,
+            ", ".join(check.truncated),
+        )  # fmt: skip
+
+
+def validate_source(source, tokenizer, *, kind: str, cfg: tokenize.TokenizeConfig, group_size: int | None = None,
+                    on_bad_example: str = "raise") -> Check:
+    """``check_source``, memoized (in-process and in the dataset directory) and logged once per process.
+
+    Raises the first bad example's ``DataError`` in raise mode, and ``DataError("no usable example in ...")``
+    when every record is bad.
+    """
+    key = _check_key(source, tokenizer, kind, cfg, group_size)
+    check = _CHECKS.get(key) if key else None
+    fresh = check is None
+    if fresh:
+        path = _check_path(key) if key else None
+        check = _load_check(path, len(source)) if path else None
+        if check is None:
+            check = check_source(source, tokenizer, kind=kind, cfg=cfg, group_size=group_size,
+                                 on_bad_example=on_bad_example)
+            if path:
+                _save_check(path, check)
+        if key:
+            _CHECKS[key] = check
+    if check.bad and on_bad_example == "raise":
+        raise DataError(check.reasons[0])
+    if check.num_records and len(check.bad) == check.num_records:
+        hint = "fix the data, or check that it matches kind=" + repr(kind)
+        if "max_length" in check.reasons[0]:
+            hint = f"all too long for max_length={cfg.max_length}: raise data.max_length"
+        files = ", ".join(check.files[:3]) + (f" and {len(check.files) - 3} more" if len(check.files) > 3 else "")
+        raise DataError(
+            f"no usable example in {files}: {check.num_records} examples, all bad; first: {check.reasons[0]}; {hint}"
+        )
+    if fresh:
+        _log_check(check, cfg)
+    return check
 
 
 # ---------------------------------------------------------------------------------------------- collation
@@ -266,6 +450,10 @@ def _resolve_source(source, split: str):
 _KIND_FIELD = {"pairwise": "chosen", "groupwise": "responses", "sft": "completion", "prompt_only": "extra"}
 
 
+def _read_indexed(source, index) -> tuple[int, dict]:
+    return int(index), source[int(index)]
+
+
 def _check_kind(source, kind: str) -> None:
     if len(source) and _KIND_FIELD[kind] not in source[0]:
         raise ValueError(f"the data source has fields {sorted(source[0])}, not those of kind={kind!r}")
@@ -297,7 +485,10 @@ def make_loader(
 ) -> tuple[grain.IterDataset, SkipLog]:
     """Grain dataset of padded numpy batches (see the module docstring); returns ``(dataset, skips)``.
 
-    ``source``: a TFDS data source (``builder.as_data_source(split)``), a builder, or a built dataset directory.
+    ``skips``: a ``SkipLog`` filled by the validation pass before this returns (``num_skipped``, ``reasons``,
+    ``num_truncated``, ``truncated_sources``); it does not change while the dataset is iterated.
+    ``source``: a TFDS data source (``builder.as_data_source(split)``), a builder, or a built dataset directory
+    (or any random-access sequence of records, checked at every call).
     ``max_length`` defaults to the largest bucket; ``length_buckets=None`` means one bucket, ``max_length``.
     ``shard_options`` overrides the per-process sharding (``ShardByJaxProcess`` when ``shard_by_process``).
     ``pad_token_id`` defaults to the tokenizer's pad token, else its EOS (as TRL).
@@ -316,7 +507,7 @@ def make_loader(
     if buckets[-1] < limit:
         raise ValueError(f"the largest length bucket {buckets[-1]} is < max_length {limit}")
     cfg = tokenize.TokenizeConfig(max_length, max_prompt_length, truncation_mode)
-    skips = SkipLog(on_bad_example)
+    SkipLog(on_bad_example)  # validates the option
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if shard_options is None:
@@ -324,7 +515,10 @@ def make_loader(
 
     source = _resolve_source(source, split)
     _check_kind(source, kind)
-    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
+    kw = dict(kind=kind, tokenizer=tokenizer, cfg=cfg, group_size=group_size)
+    check = validate_source(source, on_bad_example=on_bad_example, **kw)
+    skips = check.skip_log(on_bad_example)
+    ds = grain.MapDataset.source(check.good_indices()).map(functools.partial(_read_indexed, source))
     if shard_options.shard_count > 1:
         ds = ds[shard_options.shard_index :: shard_options.shard_count]
     if len(ds) == 0:
@@ -335,10 +529,7 @@ def make_loader(
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(64, 4 * batch_size))
     it_ds = ds.to_iter_dataset(read_options)
-    it_ds = it_ds.map(
-        functools.partial(_tokenize_record, kind=kind, tokenizer=tokenizer, cfg=cfg, group_size=group_size)
-    )
-    it_ds = it_ds.filter(functools.partial(_keep, skips=skips))
+    it_ds = it_ds.map(functools.partial(_example, **kw))
     if packing:
         it_ds = grain.experimental.FirstFitPackIterDataset(
             it_ds,

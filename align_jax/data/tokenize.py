@@ -20,6 +20,10 @@ Followed from TRL:
   tokens. An example whose mask is all 0 after truncation is a bad example (TRL drops it silently).
 * Prompt-only (GRPO): ``apply_chat_template(prompt, add_generation_prompt=True)`` or ``tokenizer(prompt)``.
 
+Every ``tokenize_*`` returns ``truncated`` (bool) next to its arrays: whether ``max_length`` /
+``max_prompt_length`` cut tokens off (legal, but counted and reported by ``pipeline.make_loader``). An exception of
+the chat template (e.g. a template that refuses a role order) is a bad example (``InvalidRecord``).
+
 Where this differs from TRL:
 * ``max_prompt_length`` (not in TRL 1.x, from TRL 0.x ``tokenize_row`` / GRPO): when set, the prompt part keeps
   its *last* ``max_prompt_length`` tokens before the full-sequence truncation. For prompt-only data the prompt
@@ -67,9 +71,15 @@ def tokenize_chat(tokenizer, messages: list[dict], *, add_generation_prompt: boo
     """TRL ``_tokenize`` for a conversation: ``apply_chat_template(tokenize=True)``."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational data needs a tokenizer with a chat template")
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja's TemplateError (e.g. raise_exception in the template), or any other failure
+        raise InvalidRecord(
+            f"the tokenizer's chat template failed on this conversation: {type(e).__name__}: {e}; "
+            "fix the messages (roles, order) or use a tokenizer whose template accepts them"
+        ) from e
     return list(out["input_ids"])
 
 
@@ -117,18 +127,20 @@ def _clip_prompt(prompt_len: int, full: list[list[int]], cfg: TokenizeConfig):
 
 
 def _sequences(prompt_len: int, full: list[list[int]], cfg: TokenizeConfig):
-    """Prompt clip, the keep_start over-long-prompt check, truncation: ``[(ids, completion_mask)]``."""
+    """Prompt clip, the keep_start over-long-prompt check, truncation: ``([(ids, completion_mask)], truncated)``."""
+    clipped = cfg.max_prompt_length is not None and prompt_len > cfg.max_prompt_length
     prompt_len, full = _clip_prompt(prompt_len, full, cfg)
     if cfg.truncation_mode == "keep_start" and prompt_len >= cfg.max_length:
         raise InvalidRecord(
-            f"prompt has {prompt_len} tokens, >= max_length={cfg.max_length}: no completion token would remain"
+            f"prompt has {prompt_len} tokens, >= max_length={cfg.max_length}: no completion token would remain; "
+            "raise max_length (or set max_prompt_length, or use truncation_mode='keep_end')"
         )
     out = []
     for ids in full:
         mask = [0] * prompt_len + [1] * (len(ids) - prompt_len)
         ids, mask = truncate(ids, mask, cfg.max_length, cfg.truncation_mode)
         out.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
-    return out
+    return out, clipped or any(len(ids) > cfg.max_length for ids in full)
 
 
 # ------------------------------------------------------------------------------------------- per kind
@@ -138,13 +150,15 @@ def tokenize_pairwise(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
     conv = bool(ex["conversational"])
     prompt = decode_value(ex["prompt"], conv)
     completions = [decode_value(ex["chosen"], conv), decode_value(ex["rejected"], conv)]
-    (c_ids, c_mask), (r_ids, r_mask) = _sequences(*prompt_and_completions(tokenizer, prompt, completions, conv), cfg)
+    seqs, truncated = _sequences(*prompt_and_completions(tokenizer, prompt, completions, conv), cfg)
+    (c_ids, c_mask), (r_ids, r_mask) = seqs
     return {
         "chosen_input_ids": c_ids,
         "chosen_completion_mask": c_mask,
         "rejected_input_ids": r_ids,
         "rejected_completion_mask": r_mask,
         "label_prob": np.float32(ex["chosen_prob"]),
+        "truncated": truncated,
     }
 
 
@@ -152,12 +166,13 @@ def tokenize_groupwise(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
     conv = bool(ex["conversational"])
     prompt = decode_value(ex["prompt"], conv)
     completions = [decode_value(r, conv) for r in ex["responses"]]
-    seqs = _sequences(*prompt_and_completions(tokenizer, prompt, completions, conv), cfg)
+    seqs, truncated = _sequences(*prompt_and_completions(tokenizer, prompt, completions, conv), cfg)
     return {
         "input_ids": [s[0] for s in seqs],
         "completion_mask": [s[1] for s in seqs],
         "ranks": np.asarray(ex["ranks"], np.int32),
         "scores": np.asarray(ex["scores"], np.float32),
+        "truncated": truncated,
     }
 
 
@@ -175,26 +190,30 @@ def _assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
 
 def tokenize_sft(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
     conv = bool(ex["conversational"])
+    clipped = False
     if not ex["prompt"]:  # messages (conversational) or text
         if conv:
             ids, mask = _assistant_mask(tokenizer, json.loads(ex["completion"]))
         else:
             ids = tokenize_text(tokenizer, add_eos(ex["completion"], tokenizer.eos_token))
             mask = [1] * len(ids)
-        ids, mask = truncate(ids, mask, cfg.max_length, cfg.truncation_mode)
-        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     else:
         prompt_len, full = prompt_and_completions(
             tokenizer, decode_value(ex["prompt"], conv), [decode_value(ex["completion"], conv)], conv
         )
+        clipped = cfg.max_prompt_length is not None and prompt_len > cfg.max_prompt_length
         prompt_len, full = _clip_prompt(prompt_len, full, cfg)
         ids = full[0]
         mask = [0] * prompt_len + [1] * (len(ids) - prompt_len)
-        ids, mask = truncate(ids, mask, cfg.max_length, cfg.truncation_mode)
-        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    truncated = clipped or len(ids) > cfg.max_length
+    ids, mask = truncate(ids, mask, cfg.max_length, cfg.truncation_mode)
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     if not mask.any():
-        raise InvalidRecord(f"no completion token left after truncation to max_length={cfg.max_length}")
-    return {"input_ids": ids, "completion_mask": mask}
+        raise InvalidRecord(
+            f"no completion token left after truncation to max_length={cfg.max_length}; raise max_length "
+            "(or use truncation_mode='keep_end')"
+        )
+    return {"input_ids": ids, "completion_mask": mask, "truncated": truncated}
 
 
 def tokenize_prompt_only(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
@@ -206,6 +225,7 @@ def tokenize_prompt_only(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
         "prompt_ids": np.asarray(ids[-limit:], np.int32),
         "prompt_text": prompt,
         "extra": json.loads(ex["extra"]) if ex.get("extra") else {},
+        "truncated": len(ids) > limit,
     }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --sft_steps, --eval_prompts, ...)
@@ -67,4 +67,4 @@ def main(argv):
     tp.report(wd, "results_grpo", "GRPO", sft, grpo, md, t0, "grpo_reward.png", train_stats)
 
 if __name__ == "__main__":
-    app.run(main)
+    tp.run_main(main)

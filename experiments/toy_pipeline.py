@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -27,6 +27,8 @@ flags.DEFINE_integer("sft_steps", 0, "Override SFT steps (0 = config default).")
 flags.DEFINE_integer("dpo_steps", 0, "Override DPO steps (0 = config default).")
 flags.DEFINE_integer("eval_prompts", 300, "Held-out prompts to generate for.")
 flags.DEFINE_string("dpo_loss", "dpo:sigmoid", "DPO variant (any dpo:* loss).")
+flags.DEFINE_integer("seed", 0, "config.seed of every stage (initialisation, data order, sampling); the toy task "
+                     "itself (data.toy_seed) stays fixed. experiments/seeds.py runs several and reports mean ± std.")
 FLAGS = flags.FLAGS
 
 AXES = [("gold_reward", "gold reward", True), ("correctness", "correctness", True),
@@ -45,6 +47,7 @@ def _config(name: str, wd: str | None = None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config("")
+    c.seed = FLAGS.seed
     if wd is not None:
         c.data.toy_dir, c.data.data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")
     return c
@@ -83,7 +86,15 @@ def _stage(name, config, workdir):
     from align_jax.train import train
 
     export = os.path.join(workdir, "export")
-    if os.path.exists(os.path.join(export, "model.safetensors")):
+    saved = os.path.join(workdir, "config.json")
+    if os.path.exists(os.path.join(export, "model.safetensors")) and os.path.exists(saved):
+        with open(saved) as f:
+            seed = json.load(f).get("seed")
+        if seed != config.seed:
+            from align_jax.errors import UserError
+
+            raise UserError(f"{workdir} holds a finished {name} stage of seed {seed}, not --seed={config.seed}: use "
+                            f"another --workdir for each seed (experiments/seeds.py does)")
         print(f"[{name}] already done: {export}")
         return export
     t0 = time.time()
@@ -102,9 +113,11 @@ def sft_stage(wd: str, steps: int = 0) -> str:
 
 
 def start() -> tuple[str, float, str]:
-    """Common start of the experiments: quiet logging, the clock, and the SFT stage. Returns (workdir, t0, SFT
+    """Common start of the experiments: console logging, the clock, and the SFT stage. Returns (workdir, t0, SFT
     export)."""
-    logging.set_verbosity(logging.WARNING)
+    from align_jax import cli
+
+    cli.console(cli.verbose_from_env())
     t0 = time.time()
     return FLAGS.workdir, t0, sft_stage(FLAGS.workdir, FLAGS.sft_steps)
 
@@ -162,7 +175,8 @@ def table(sft: dict, dpo: dict, name: str = "DPO") -> str:
 def report(wd: str, stem: str, name: str, sft: dict, aligned: dict, md: str, t0: float, plot_file: str,
            training: dict | None = None) -> None:
     """Writes <wd>/<stem>.json and <stem>.md, prints sample answers of the aligned policy and the table."""
-    out = {"sft": sft, name.lower(): aligned, "seconds": time.time() - t0}
+    out = {"sft": sft, name.lower(): aligned, "seconds": time.time() - t0, "seed": FLAGS.seed,
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     if training is not None:
         out["training"] = training
     with open(os.path.join(wd, f"{stem}.json"), "w") as f:
@@ -206,5 +220,12 @@ def main(argv):
     report(wd, "results", "DPO", sft, dpo, md, t0, "results.png")
 
 
+def run_main(main_fn):
+    """`app.run` of an experiment's main, with user errors as one message (align_jax.cli.run)."""
+    from align_jax import cli
+
+    app.run(lambda argv: cli.run(lambda: main_fn(argv), cli.verbose_from_env()))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

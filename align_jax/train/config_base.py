@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
     # initialised; "random:<path to config.json>" = that architecture randomly initialised.
     c.model.init_from = "toy"
     c.model.tokenizer = ""  # tokenizer directory (AutoTokenizer); "" = init_from's directory, or the toy tokenizer
+    # Chat template for conversational data: "" = the tokenizer's own (tokenizer_config.json / chat_template.jinja;
+    # conversational data without one is refused); "chatml" = the built-in ChatML template; or a .jinja file path
+    c.model.chat_template = ""
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
     c.model.compute_dtype = ""  # activation dtype; "" = same as dtype
     c.model.remat = "none"  # gradient checkpointing per layer: none | full | dots | dots_with_no_batch_dims

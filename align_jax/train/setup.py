@@ -56,10 +56,26 @@ def load_tokenizer(config):
         raise SetupError(f"config.{key}={path!r}: no such directory (expected a Hugging Face model directory with "
                          f"config.json, *.safetensors and the tokenizer files; or 'toy' / 'random:<config.json>')")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SetupError(f"config.{key}={path!r}: no tokenizer could be loaded from it ({e}); give a directory "
                          f"with tokenizer.json / tokenizer_config.json via --config.model.tokenizer") from None
+    template = config.model.get("chat_template", "")
+    if template == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif template:
+        if not os.path.isfile(template):
+            raise SetupError(f"config.model.chat_template={template!r}: neither 'chatml' nor a .jinja file")
+        with open(template) as f:
+            tokenizer.chat_template = f.read()
+    return tokenizer
+
+
+# ChatML (<|im_start|>role\ncontent<|im_end|>\n), as Qwen and SmolLM use it; the generation prompt opens an
+# assistant turn. The EOS of the tokenizer is not added: the template ends each turn with <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -29,6 +29,8 @@ flags.DEFINE_integer("eval_prompts", 300, "Held-out prompts to generate for.")
 flags.DEFINE_string("dpo_loss", "dpo:sigmoid", "DPO variant (any dpo:* loss).")
 flags.DEFINE_integer("seed", 0, "config.seed of every stage (initialisation, data order, sampling); the toy task "
                      "itself (data.toy_seed) stays fixed. experiments/seeds.py runs several and reports mean ± std.")
+flags.DEFINE_integer("threads", 1, "CPUs the run may use (0 = all). XLA:CPU's results depend in the last bits on "
+                     "its thread count, so the README's numbers are measured with 1 (align_jax.cli.pin_threads).")
 FLAGS = flags.FLAGS
 
 AXES = [("gold_reward", "gold reward", True), ("correctness", "correctness", True),
@@ -117,6 +119,7 @@ def start() -> tuple[str, float, str]:
     export)."""
     from align_jax import cli
 
+    cli.pin_threads(FLAGS.threads)
     cli.console(cli.verbose_from_env())
     t0 = time.time()
     return FLAGS.workdir, t0, sft_stage(FLAGS.workdir, FLAGS.sft_steps)

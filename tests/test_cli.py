@@ -128,3 +128,27 @@ def test_num_epochs_sets_total_steps(tmp_path):
     train(c, str(tmp_path / "w"))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "w" / "metrics.jsonl") if '"loss"' in line]
     assert max(steps) == 8
+
+
+def test_chat_template_missing_is_named_and_chatml_can_be_set(tmp_path):
+    import shutil
+
+    from align_jax.data.formats import DataError
+    from align_jax.data.toy import TOKENIZER_DIR
+    from align_jax.data.tokenize import tokenize_chat
+    from align_jax.train.setup import load_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TOKENIZER_DIR, tok_dir)
+    cfg_path = tok_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    messages = [{"role": "user", "content": "hello"}]
+    c = load_config("dpo", **{"model.tokenizer": str(tok_dir)})
+    with pytest.raises(DataError, match=r"needs a chat template.*--config\.model\.chat_template=chatml"):
+        tokenize_chat(load_tokenizer(c), messages)
+    c.model.chat_template = "chatml"
+    tok = load_tokenizer(c)
+    assert tok.decode(tokenize_chat(tok, messages, add_generation_prompt=True)) == \
+        tok.decode(tok("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])

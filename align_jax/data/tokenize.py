@@ -41,7 +41,7 @@ import json
 
 import numpy as np
 
-from align_jax.data.formats import InvalidRecord, decode_value
+from align_jax.data.formats import DataError, InvalidRecord, decode_value
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -70,7 +70,9 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
 def tokenize_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
     """TRL ``_tokenize`` for a conversation: ``apply_chat_template(tokenize=True)``."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational data needs a tokenizer with a chat template")
+        raise DataError(f"conversational data (lists of messages) needs a chat template, and the tokenizer "
+                        f"{getattr(tokenizer, 'name_or_path', '')!r} has none: set --config.model.chat_template=chatml "
+                        f"(or a .jinja file), or --config.model.tokenizer=<a tokenizer directory that has one>")
     try:
         out = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt

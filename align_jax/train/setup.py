@@ -120,9 +120,14 @@ def _resolve_files(spec: str, workdir: str, config, key: str):
         return "hh", spec[3:]
     paths = []
     for part in spec.split(","):
-        found = sorted(glob.glob(part.strip()))
+        part = part.strip()
+        found = sorted(glob.glob(part))
+        base, _, split = part.rpartition(":")
+        if not found and base and os.path.isdir(base) and split.isidentifier():
+            found = [part]  # "<save_to_disk dir>:<split>" of a Hugging Face DatasetDict
         if not found:
-            raise SetupError(f"config.data.{key}: no file matches {part.strip()!r}")
+            raise SetupError(f"config.data.{key}: no file matches {part!r} (expected JSON/JSONL files, parquet or "
+                             f"arrow files, a Hugging Face save_to_disk directory [':<split>'], or toy:<name>)")
         paths += found
     return "files", paths
 

@@ -3,6 +3,7 @@ config refusal, and sharded forward passes on an 8-device CPU mesh."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from align_jax.models import (ConfigError, from_hf_config, init_model, load_hf_config, load_pretrained,
-                              save_pretrained)
+from align_jax.models import (CheckpointError, ConfigError, from_hf_config, init_model, load_hf_config,
+                              load_pretrained, save_pretrained)
 from align_jax.parallel import make_mesh
 
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-MODELS = ["llama", "llama3_rope", "qwen2", "qwen3", "tied", "sharded", "mistral"]
+MODELS = ["llama", "llama3_rope", "llama_linear_rope", "qwen2", "qwen3", "tied", "sharded", "mistral"]
 
 
 def _real(mask):
@@ -200,3 +201,66 @@ def test_export_loads_in_transformers(tmp_path):
         want = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     got = np.asarray(nnx.jit(lambda m, i: m(i))(ours, jnp.asarray(ids)))
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_rope"])
+def test_rope_scaled_config_is_hashable_and_saved_unchanged(name, tmp_path):
+    """The config is part of the NNX graph definition, a static (hashed) jit argument: rope_scaling is stored
+    hashable, still reads as a dict, and save_pretrained writes the original config.json back."""
+    src = os.path.join(HF, name)
+    c = load_hf_config(src)
+    assert hash(c) == hash(load_hf_config(src)) and c == load_hf_config(src)
+    assert c.rope_scaling["rope_type"] == name.split("_")[-2] and dict(c.rope_scaling)["factor"] > 1
+    assert c.replace(rope_scaling={**c.rope_scaling}) == c  # a plain dict is converted, compares equal
+    assert hash(c.replace(rope_scaling={**c.rope_scaling, "factor": 2.0})) != hash(c)
+    jax.jit(lambda x, cfg: x * cfg.rope_scaling["factor"], static_argnums=1)(1.0, c)
+    save_pretrained(load_pretrained(src), str(tmp_path))
+    assert json.load(open(tmp_path / "config.json")) == json.load(open(os.path.join(src, "config.json")))
+    # A transformers 4.x config (top-level rope_scaling) is written back in that form.
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = params
+    assert from_hf_config(cfg) == c and hash(from_hf_config(cfg)) == hash(c)
+    v4 = _damaged(tmp_path, name)
+    json.dump(cfg, open(v4 / "config.json", "w"))
+    save_pretrained(load_pretrained(str(v4)), str(tmp_path / "v4_out"))
+    assert json.load(open(tmp_path / "v4_out" / "config.json")) == cfg
+
+
+def _damaged(tmp_path, name="llama"):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(HF, name), d)
+    return d
+
+
+@pytest.mark.parametrize("how,msg", [
+    ("half", r"truncated: header says 429408 bytes, file has 214704"),
+    ("in_header", r"truncated: header says more than \d+ bytes, file has 100;"),
+    ("garbage", r"not a safetensors file"),
+    ("empty", r"not a safetensors file \(0 bytes"),
+    ("trailing", r"corrupted \(trailing bytes\): header says 429408 bytes, file has 429411"),
+], ids=["half", "in_header", "garbage", "empty", "trailing"])
+def test_damaged_safetensors_is_named(tmp_path, how, msg):
+    d = _damaged(tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"half": data[:len(data) // 2], "in_header": data[:100], "garbage": b"<html>404 Not Found</html>" * 9,
+                   "empty": b"", "trailing": data + b"abc"}[how])
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + ": " + msg + r".*re-download"):
+        load_pretrained(str(d))
+
+
+def test_damaged_or_missing_shard_is_named(tmp_path):
+    d = _damaged(tmp_path, "sharded")
+    shard = d / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=re.escape(str(shard)) + ": truncated: header says 181800 bytes, "
+                       r"file has 180800; re-download"):
+        load_pretrained(str(d))
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(shard)) + r": shard listed in .*index\.json is missing"):
+        load_pretrained(str(d))
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"index\.json: not a valid safetensors index"):
+        load_pretrained(str(d))

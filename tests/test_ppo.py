@@ -163,7 +163,7 @@ def load_config(arg="tiny", **overrides):
 def _reward_model_dir() -> str:
     """A randomly initialised toy reward model in the reward-model trainer's export format (made once)."""
     path = os.path.join(SHARED, "ppo_reward_model")
-    if not os.path.exists(os.path.join(path, "score_head.npy")):
+    if not os.path.exists(os.path.join(path, "config.json")):
         from flax import nnx
         from transformers import AutoTokenizer
 

@@ -4,6 +4,7 @@ text reward function against the reward-model trainer's own pipeline tokenizatio
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import ml_dtypes
@@ -13,7 +14,8 @@ from flax import nnx
 
 from align_jax.data import make_loader
 from align_jax.data.toy import load_tokenizer, toy_model_config
-from align_jax.models import Transformer, from_hf_config, save_pretrained
+from align_jax.models import (CheckpointError, Transformer, from_hf_config, load_pretrained, save_pretrained,
+                              save_reward_model)
 from align_jax.models.config import rope_inv_freq
 from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.parallel import make_mesh
@@ -22,6 +24,7 @@ from align_jax.rl.rewards import get_reward_function
 from align_jax.train.setup import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_CLS = os.path.join(ROOT, "tests", "fixtures", "hf", "llama_seqcls")  # tests/fixtures/make_fixtures.py
 TOK = load_tokenizer()
 
 TEXT = [("What is 2 + 3 ?", " 5"), ("What is 12 + 7 ?", " The answer is 19"),
@@ -192,3 +195,99 @@ def test_bfloat16_head_file_is_read_back(tmp_path):
     got = RM._read_head(str(tmp_path))
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.astype(np.float32), [1.5, -0.25, 3.0])
+
+
+# ---------------------------------------------------------------------------- transformers' sequence classifier
+
+
+def test_transformers_sequence_classifier_scores():
+    """A tiny `LlamaForSequenceClassification` (num_labels=1, pad 0) loads as a reward model and gives
+    transformers' scores (fixture: tests/fixtures/make_fixtures.py), no padding and right padding."""
+    g = np.load(os.path.join(SEQ_CLS, "scores.npz"))
+    model = RM.load_reward_model(SEQ_CLS)
+    assert model.backbone.config.tie_word_embeddings  # the classifier has no LM head: none is allocated
+    for case in ("nopad", "right"):
+        got = RM.score_token_ids(model, g[f"input_ids_{case}"], g[f"attention_mask_{case}"])
+        np.testing.assert_allclose(np.asarray(got), g[f"scores_{case}"], atol=1e-5, rtol=0)
+    per_token = nnx.jit(lambda m, i: m(i))(model, jax.numpy.asarray(g["input_ids_nopad"]))
+    np.testing.assert_allclose(np.asarray(per_token), g["token_scores_nopad"], atol=1e-5, rtol=0)
+    assert np.ptp(g["scores_right"]) > 0.1
+
+
+def _exported_model():
+    """A random toy reward model (untied embeddings: the exported classifier must drop its LM head)."""
+    cfg = {**toy_model_config(), "tie_word_embeddings": False}
+    return random_model(lambda: ScalarHeadModel(from_hf_config(cfg), rngs=nnx.Rngs(0)), seed=5)
+
+
+def test_save_reward_model_is_a_sequence_classifier_and_round_trips(tmp_path, caplog):
+    from safetensors import safe_open
+
+    graphdef, model = _exported_model()
+    path = str(tmp_path / "rm")
+    save_reward_model(model, path, pad_token_id=TOK.pad_token_id)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    assert cfg["id2label"] == {"0": "LABEL_0"} and cfg["pad_token_id"] == TOK.pad_token_id == 0
+    with safe_open(os.path.join(path, "model.safetensors"), framework="numpy") as f:
+        keys = set(f.keys())
+        head = f.get_tensor("score.weight")
+    assert "lm_head.weight" not in keys and all(k.startswith("model.") for k in keys - {"score.weight"})
+    np.testing.assert_array_equal(head, np.asarray(model.score[...])[None])
+    ids, mask = pipeline_rows(TEXT[:4])
+    global _GRAPHDEF
+    _GRAPHDEF = graphdef
+    want = ref_scores(model, ids, mask)
+    loaded = RM.load_reward_model(path)
+    np.testing.assert_array_equal(np.asarray(loaded.score[...]), np.asarray(model.score[...]))
+    np.testing.assert_allclose(np.asarray(RM.score_token_ids(loaded, ids, mask)), want, atol=1e-5, rtol=0)
+    mesh = make_mesh(data=2, fsdp=4)
+    sharded = RM.load_reward_model(path, mesh=mesh)
+    assert sharded.score[...].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    np.testing.assert_allclose(np.asarray(RM.score_token_ids(sharded, ids, mask)), want, atol=1e-5, rtol=0)
+    # The old form (causal-LM backbone + score_head.npy) still loads, to the same scores.
+    old = str(tmp_path / "old")
+    save_pretrained(model.backbone, old)
+    np.save(os.path.join(old, RM.HEAD_FILE), np.asarray(model.score[...]))
+    np.testing.assert_allclose(np.asarray(RM.score_token_ids(RM.load_reward_model(old), ids, mask)), want,
+                               atol=1e-5, rtol=0)
+    # A classifier is not a causal LM; one with several labels is not a reward model.
+    with pytest.raises(CheckpointError, match="score.weight.*load_reward_model"):
+        load_pretrained(path)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        save_reward_model(model, path, pad_token_id=None)
+    save_reward_model(model, str(tmp_path / "pad_eos"), pad_token_id=TOK.eos_token_id)  # allowed, with a warning
+    assert "pad_token_id=2 is an eos_token_id" in caplog.text
+
+
+def test_multi_label_classifier_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "two"
+    shutil.copytree(SEQ_CLS, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["score.weight"] = np.concatenate([tensors["score.weight"]] * 2)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"score\.weight has shape \(2, 64\), expected \(1, 64\).*num_labels=1"):
+        RM.load_reward_model(str(path))
+
+
+def test_reward_model_export_loads_in_transformers(tmp_path):
+    """`save_reward_model` output read by `AutoModelForSequenceClassification` gives align-jax's scores on
+    right-padded rows (needs torch, which the suite does not install: skipped without it)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification
+
+    graphdef, model = _exported_model()
+    path = str(tmp_path / "rm")
+    save_reward_model(model, path, pad_token_id=TOK.pad_token_id)
+    ids, mask = pipeline_rows(TEXT[:4])
+    assert (ids[mask == 1] != TOK.pad_token_id).all()
+    global _GRAPHDEF
+    _GRAPHDEF = graphdef
+    want = ref_scores(model, ids, mask)
+    hf = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = hf(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
+                 attention_mask=torch.as_tensor(np.asarray(mask), dtype=torch.long)).logits[:, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

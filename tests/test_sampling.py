@@ -67,8 +67,13 @@ def _full_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask
     return np.asarray(logits[:, Pl - 1:-1])
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+GREEDY_MODELS = ["llama", "llama3_rope", "llama_linear_rope", "qwen2", "qwen3", "mistral", "tied", "sharded"]
+
+
+@pytest.mark.parametrize("name", GREEDY_MODELS)
 def test_greedy_matches_transformers_generate(name):
+    """Every fixture architecture, rope-scaled Llama (llama3, linear) included: the tokens of transformers'
+    `generate` with a stop id that row 1 emits early (then pad), row 0 running all steps."""
     g = _greedy(name)
     model = _model(name)
     Pl = g["prompt_ids"].shape[1]

@@ -10,6 +10,7 @@ transformers and vLLM load the result and load -> save -> load is bit-exact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Callable
 
@@ -22,10 +23,16 @@ from safetensors.numpy import save_file
 
 from align_jax.errors import UserError
 from align_jax.models.config import ModelConfig, load_hf_config, rope_inv_freq, to_hf_config
+from align_jax.models.heads import ScalarHeadModel
 from align_jax.models.llama import Transformer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+SCORE_NAME = "score.weight"  # the [num_labels, D] head of transformers' *ForSequenceClassification
+SEQ_CLS_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+                         "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
 
 
 class CheckpointError(UserError, ValueError):
@@ -72,23 +79,78 @@ def hf_key_map(c: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
     return m
 
 
+_REFETCH = "re-download the checkpoint or re-export it (e.g. with `save_pretrained`)"
+
+
+def check_safetensors(fname: str) -> None:
+    """Checks the framing of a safetensors file before it is opened: an 8-byte little-endian header length N,
+    an N-byte JSON header whose `data_offsets` end at E, then exactly E bytes of data (8 + N + E in all).
+    CheckpointError naming `fname` when the file is not a safetensors file (too short, a header length past the
+    end of the file, a header that is not a JSON object) or is truncated / has trailing bytes."""
+    if not os.path.exists(fname):
+        raise CheckpointError(f"{fname}: file not found; {_REFETCH}")
+    size = os.path.getsize(fname)
+    with open(fname, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if 0 < n <= 100 * 2**20 and n > size - 8 and f.read(1) == b"{":  # cut inside the JSON header
+            raise CheckpointError(f"{fname}: truncated: header says more than {8 + n} bytes, file has {size}; "
+                                  f"{_REFETCH}")
+        f.seek(8)
+        if n <= 0 or n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(
+                f"{fname}: not a safetensors file ({size} bytes; the first 8 bytes should give the length of a "
+                f"JSON header inside the file, got {n if n >= 0 else 'a file too short'}); {_REFETCH}")
+        try:
+            header = json.loads(f.read(n))
+            end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{fname}: not a safetensors file (its header is not a JSON object of tensors "
+                                  f"with data_offsets); {_REFETCH}") from None
+    want = 8 + n + end
+    if size != want:
+        what = "truncated" if size < want else "corrupted (trailing bytes)"
+        raise CheckpointError(f"{fname}: {what}: header says {want} bytes, file has {size}; {_REFETCH}")
+
+
 def _tensor_files(path: str) -> dict[str, str]:
-    """HF tensor name -> safetensors file that holds it."""
+    """HF tensor name -> safetensors file that holds it (each file's framing checked: `check_safetensors`)."""
     index = os.path.join(path, INDEX_NAME)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (JSON with a 'weight_map'); "
+                                  f"{_REFETCH}") from None
+        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        for fname in sorted(set(files.values())):
+            if not os.path.exists(fname):
+                raise CheckpointError(f"{fname}: shard listed in {index} is missing; download every shard the "
+                                      "index lists (or re-export the checkpoint)")
+            check_safetensors(fname)
+        return files
     single = os.path.join(path, WEIGHTS_NAME)
     if not os.path.exists(single):
         raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found "
                               "(PyTorch .bin checkpoints are not read; convert them to safetensors)")
+    check_safetensors(single)
     with safe_open(single, framework="numpy") as f:
         return {k: single for k in f.keys()}
 
 
 def _to_dtype(x: np.ndarray, dtype) -> np.ndarray:
     return x if x.dtype == np.dtype(dtype) else x.astype(np.dtype(dtype))
+
+
+def is_sequence_classification(path: str) -> bool:
+    """Whether `path/config.json` names a `*ForSequenceClassification` architecture (e.g. a TRL reward model)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
 def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_policy: str = "none",
@@ -102,9 +164,32 @@ def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_p
       remat_policy: 'none', 'full', 'dots', 'dots_with_no_batch_dims'.
       mesh: a `jax.sharding.Mesh`; each weight goes straight to its sharding under `align_jax.parallel.RULES`.
     """
+    config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy)
+    return _load(path, config, mesh)[0]
+
+
+def load_sequence_classification(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_policy: str = "none",
+                                 mesh=None) -> tuple[Transformer, np.ndarray]:
+    """Loads a transformers `*ForSequenceClassification` directory with `num_labels=1` (`save_reward_model`'s
+    output, or a TRL reward model): (backbone, score head [D] as a host array in the parameter dtype).
+
+    The checkpoint has no LM head, so the backbone is built with `tie_word_embeddings=True` (its `lm_head_DxV`
+    is the embedding, which a scalar head never reads). Arguments as `load_pretrained`. CheckpointError naming
+    the file when there is no `score.weight` or it is not [1, hidden_size]."""
+    config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy)
+    backbone, extra = _load(path, config.replace(tie_word_embeddings=True), mesh, extra=(SCORE_NAME,))
+    head = extra[SCORE_NAME]
+    if head.shape != (1, config.hidden_size):
+        raise CheckpointError(
+            f"{path}: {SCORE_NAME} has shape {tuple(head.shape)}, expected (1, {config.hidden_size}): a reward "
+            "model is a sequence classifier with num_labels=1 (one score per sequence)")
+    return backbone, _to_dtype(head[0], config.param_dtype)
+
+
+def _load(path: str, config: ModelConfig, mesh, extra: tuple[str, ...] = ()) -> tuple[Transformer, dict]:
+    """`load_pretrained` with `config`; also reads the tensors named in `extra` (host arrays, as stored)."""
     from align_jax.parallel import param_shardings
 
-    config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     shardings = param_shardings(abs_state, mesh) if mesh is not None else None
@@ -112,12 +197,17 @@ def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_p
     files = _tensor_files(path)
     key_map = hf_key_map(config)
     expected = {v[0] for v in key_map.values()}
-    ignored = {k for k in files if k not in expected and not k.endswith("rotary_emb.inv_freq")}
+    ignored = {k for k in files if k not in expected and k not in extra and not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         ignored.discard("lm_head.weight")  # some exporters write the tied copy too
     if ignored:
+        hint = (f" ({SCORE_NAME}: a sequence-classification checkpoint, e.g. a reward model; load it with "
+                "`align_jax.rl.reward_model.load_reward_model`)" if SCORE_NAME in ignored else "")
         raise CheckpointError(f"{path}: tensors that this architecture does not use: {sorted(ignored)[:5]}"
-                              f"{' ...' if len(ignored) > 5 else ''}")
+                              f"{' ...' if len(ignored) > 5 else ''}{hint}")
+    missing = [n for n in extra if n not in files]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint")
     handles: dict[str, object] = {}
     out = []
     try:
@@ -142,9 +232,13 @@ def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_p
             else:
                 arr = jnp.asarray(host)
             out.append((pth, var.replace(arr)))
+        extra_host = {}
+        for name in extra:
+            with safe_open(files[name], framework="numpy") as f:
+                extra_host[name] = f.get_tensor(name)
     finally:
         handles.clear()
-    return nnx.merge(graphdef, nnx.from_flat_state(out))
+    return nnx.merge(graphdef, nnx.from_flat_state(out)), extra_host
 
 
 def _host(x) -> np.ndarray:
@@ -155,22 +249,66 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_pretrained(model: Transformer, path: str, *, max_shard_bytes: int = 5 * 2**30,
-                    extra_config: dict | None = None) -> None:
-    """Writes `model` as a Hugging Face directory: config.json plus model.safetensors (or several shards of at
-    most `max_shard_bytes` with model.safetensors.index.json). Only process 0 writes."""
-    config = model.config
-    key_map = hf_key_map(config)
+def _hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """HF tensor name -> host array (torch layout) of every parameter of `model`."""
+    key_map = hf_key_map(model.config)
     tensors = {}
     for pth, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, _, to_hf = key_map[pth]
         tensors[name] = np.ascontiguousarray(to_hf(_host(var.get_value())))
+    return tensors
+
+
+def save_pretrained(model: Transformer, path: str, *, max_shard_bytes: int = 5 * 2**30,
+                    extra_config: dict | None = None) -> None:
+    """Writes `model` as a Hugging Face directory: config.json plus model.safetensors (or several shards of at
+    most `max_shard_bytes` with model.safetensors.index.json). Only process 0 writes."""
+    tensors = _hf_tensors(model)
+    cfg = to_hf_config(model.config)
+    if extra_config:
+        cfg.update(extra_config)
+    _write(path, cfg, tensors, max_shard_bytes)
+
+
+def save_reward_model(model: ScalarHeadModel, path: str, *, pad_token_id: int,
+                      max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes a reward model (`align_jax.models.heads.ScalarHeadModel`) as the transformers sequence classifier
+    of its architecture (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, ...) with
+    `num_labels=1`: config.json with that architecture, `num_labels`, `id2label` and `pad_token_id`; the backbone
+    tensors under their `model.*` names, the head as `score.weight` [1, hidden_size], no `lm_head`.
+    `AutoModelForSequenceClassification.from_pretrained(path)` then gives the same scores, and
+    `align_jax.rl.reward_model.load_reward_model(path)` reads it back. Only process 0 writes.
+
+    Pooling. align-jax reads the score at the last position whose attention mask is 1; transformers at the last
+    token that is not `pad_token_id`. They agree on right-padded rows whose last real token is not
+    `pad_token_id`. When `pad_token_id == eos_token_id` (a common fallback for tokenizers without a pad token)
+    and rows end with EOS, as the reward-model trainer's rows do, transformers skips the trailing EOS and scores
+    the token before it, which is not where the head was trained: export with a pad id distinct from EOS."""
+    if pad_token_id is None:
+        raise ValueError("save_reward_model needs pad_token_id (an int): transformers' sequence classifier finds "
+                         "the last token of each row as the last one that is not pad_token_id")
+    config = model.backbone.config
+    if config.model_type not in SEQ_CLS_ARCHITECTURES:
+        raise CheckpointError(f"model_type={config.model_type!r} has no known *ForSequenceClassification class")
+    eos = (config.hf_config or {}).get("eos_token_id")
+    if int(pad_token_id) in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        log.warning("%s: pad_token_id=%d is an eos_token_id: transformers' sequence classifier will score the token "
+                    "before a trailing EOS, align-jax the EOS itself (save_reward_model's docstring)", path,
+                    pad_token_id)
+    tensors = _hf_tensors(model.backbone)
+    tensors.pop("lm_head.weight", None)
+    tensors[SCORE_NAME] = np.ascontiguousarray(_host(model.score[...]).reshape(1, -1))
+    cfg = to_hf_config(config)
+    cfg.update(architectures=[SEQ_CLS_ARCHITECTURES[config.model_type]], num_labels=1, id2label={"0": "LABEL_0"},
+               label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id))
+    _write(path, cfg, tensors, max_shard_bytes)
+
+
+def _write(path: str, cfg: dict, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    """config.json + safetensors (sharded past `max_shard_bytes`, with the index); stale weight files removed."""
     if jax.process_index() != 0:
         return
     os.makedirs(path, exist_ok=True)
-    cfg = to_hf_config(config)
-    if extra_config:
-        cfg.update(extra_config)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     shards, cur, size = [], {}, 0

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,6 +35,30 @@ class ConfigError(UserError, ValueError):
     """A model config that align-jax cannot run exactly; the message names the key."""
 
 
+class FrozenDict(Mapping):
+    """A read-only, hashable dict (`ModelConfig.rope_scaling`): the config is part of the NNX graph definition,
+    which `jax.jit` takes as a static (hashed) argument. Reads as a dict (`s["rope_type"]`, `s.get`, `dict(s)`)
+    and compares equal to a dict with the same items."""
+
+    def __init__(self, *args, **kw):
+        self._d = dict(*args, **kw)
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __hash__(self):
+        return hash(tuple(sorted(self._d.items())))
+
+    def __repr__(self):
+        return f"FrozenDict({self._d!r})"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the decoder. Field names follow transformers' `LlamaConfig`."""
@@ -47,8 +72,9 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or a dict with "rope_type" in {"default", "linear", "llama3"} and that type's fields.
-    rope_scaling: dict | None = None
+    # None, or a mapping with "rope_type" in {"linear", "llama3"} and that type's fields; stored as a hashable
+    # `FrozenDict` (a plain dict given here is converted).
+    rope_scaling: Mapping | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v (Qwen2) — and on o when `o_bias`
@@ -62,6 +88,10 @@ class ModelConfig:
     remat_policy: str = "none"
     # The original config.json, written back by `save_pretrained`.
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -1,13 +1,19 @@
 """A trained reward model (the reward-model trainer's export) as a reward: on token ids (PPO) and on text
 (GRPO's `"rm:<dir>"`).
 
-The export (`align_jax.train.setup.export` of a `ScalarHeadModel`) is a Hugging Face directory with the
-backbone (config.json + safetensors), the tokenizer files, and `score_head.npy` (the [D] head `w`). The reward is
+Two forms of reward-model directory are read (`load_reward_model`), both with the tokenizer files:
+  * transformers' `*ForSequenceClassification` with `num_labels=1` (`align_jax.models.save_reward_model`, what
+    the reward-model trainer exports; also TRL RewardTrainer outputs): config.json naming that architecture,
+    the backbone under `model.*` and the head `w` as `score.weight` [1, D];
+  * the older causal-LM form: the backbone as a causal LM (config.json + safetensors) plus `score_head.npy` [D].
+The reward is
 
     r(x, y) = w · h_L(x ⧺ y)[t*]        t* = the last real token (attention mask 1) of the row
 
-with h_L the final (normed) hidden states, as `align_jax.models.heads.sequence_scores` and transformers'
-`LlamaForSequenceClassification` (what TRL's RewardTrainer trains).
+with h_L the final (normed) hidden states, as `align_jax.models.heads.sequence_scores`. transformers'
+`LlamaForSequenceClassification` (what TRL's RewardTrainer trains) takes t* = the last token that is not
+`pad_token_id` instead: the same on right-padded rows unless the last real token is the pad id (a tokenizer whose
+pad token is its EOS; see `save_reward_model`).
 
 Text (`RewardModelReward`). Prompt + completion are tokenized exactly as the reward-model trainer's data pipeline
 tokenizes the *chosen* side of a pairwise example (`align_jax.data.tokenize.tokenize_pairwise`): plain text is
@@ -37,7 +43,7 @@ from flax import nnx
 
 from align_jax.data import tokenize
 from align_jax.data.formats import InvalidRecord
-from align_jax.models.checkpoint import load_pretrained
+from align_jax.models.checkpoint import is_sequence_classification, load_pretrained, load_sequence_classification
 from align_jax.models.heads import ScalarHeadModel, last_token_index
 from align_jax.models.llama import default_positions
 
@@ -64,21 +70,28 @@ def _read_head(path: str) -> np.ndarray:
 
 
 def load_reward_model(path: str, *, mesh=None, dtype: str = "float32") -> ScalarHeadModel:
-    """Loads a reward-model export: the backbone with `load_pretrained` (each weight straight into its sharding
-    on `mesh` when given) and the head `score` from `score_head.npy` (sharded by its logical axis "embed").
+    """Loads a reward model in either form of the module docstring: a `*ForSequenceClassification` directory
+    (`load_sequence_classification`: head = `score.weight`), else a causal-LM backbone (`load_pretrained`) with
+    `score_head.npy`. Each backbone weight goes straight into its sharding on `mesh` when given; the head
+    `score` is sharded by its logical axis "embed".
 
-    ValueError naming `path` when it is not a reward-model export (no config.json, or no score_head.npy, e.g. a
-    policy export) or the head does not match the backbone's hidden size."""
-    for name, what in (("config.json", "a Hugging Face model directory"), (HEAD_FILE, "a reward-model export")):
-        if not os.path.exists(os.path.join(path, name)):
-            raise ValueError(f"{path!r} is not a reward model: {name} is missing (expected {what}: the "
-                             "reward-model trainer's export = backbone + score_head.npy + tokenizer; a policy "
-                             "export has no score_head.npy)")
-    head = _read_head(path)
-    backbone = load_pretrained(path, dtype=dtype, mesh=mesh)
-    D = backbone.config.hidden_size
-    if head.shape != (D,):
-        raise ValueError(f"{path}/{HEAD_FILE}: shape {head.shape} does not match hidden_size={D} of config.json")
+    ValueError naming `path` when it is not a reward model (no config.json; or a causal LM without
+    score_head.npy, e.g. a policy export) or the head does not match the backbone's hidden size."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is not a reward model: config.json is missing (expected a Hugging Face model "
+                         "directory: the reward-model trainer's export)")
+    if is_sequence_classification(path):
+        backbone, head = load_sequence_classification(path, dtype=dtype, mesh=mesh)
+    else:
+        if not os.path.exists(os.path.join(path, HEAD_FILE)):
+            raise ValueError(f"{path!r} is not a reward model: its config.json is not a *ForSequenceClassification "
+                             f"and {HEAD_FILE} is missing (a reward model is a sequence classifier with "
+                             f"num_labels=1, or a causal-LM backbone + {HEAD_FILE}; a policy export has neither)")
+        head = _read_head(path)
+        backbone = load_pretrained(path, dtype=dtype, mesh=mesh)
+        D = backbone.config.hidden_size
+        if head.shape != (D,):
+            raise ValueError(f"{path}/{HEAD_FILE}: shape {head.shape} does not match hidden_size={D} of config.json")
     model = ScalarHeadModel(backbone.config, rngs=nnx.Rngs(0), backbone=backbone)
     value = np.asarray(head, dtype=np.dtype(backbone.config.param_dtype))
     if mesh is not None:
@@ -174,8 +187,8 @@ class RewardModelReward:
     def tokenize(self, prompt, completion) -> np.ndarray:
         """The ids the reward model was trained on for (prompt, completion) (`tokenize_pairwise`'s chosen)."""
         prompt, completion, conv = _as_pair(prompt, completion)
-        seqs = tokenize._sequences(*tokenize.prompt_and_completions(self.tokenizer, prompt, [completion], conv),
-                                   self.cfg)
+        seqs, _ = tokenize._sequences(*tokenize.prompt_and_completions(self.tokenizer, prompt, [completion], conv),
+                                      self.cfg)
         return seqs[0][0]
 
     def _put(self, x):

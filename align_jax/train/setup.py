@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from align_jax.errors import UserError
-from align_jax.models import from_hf_config, load_hf_config, load_pretrained, save_pretrained
+from align_jax.models import from_hf_config, load_hf_config, load_pretrained, save_pretrained, save_reward_model
 from align_jax.models.heads import ScalarHeadModel
 from align_jax.models.llama import Transformer
 from align_jax.parallel import create_sharded
@@ -292,13 +292,13 @@ def toy_generation_eval(config, model, tokenizer, workdir: str) -> dict:
 
 
 def export(config, model, tokenizer, path: str) -> None:
-    """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer); a reward model's
-    score head goes to score_head.npy next to its backbone."""
+    """The trained policy as a Hugging Face directory (config.json + safetensors + tokenizer); a reward model as
+    the matching `*ForSequenceClassification` directory (`score.weight`, `num_labels` 1, the pad token id), which
+    transformers' `AutoModelForSequenceClassification` loads with the same scores (`models.save_reward_model`)."""
     model = policy_of(model)
     if isinstance(model, ScalarHeadModel):
-        save_pretrained(model.backbone, path)
-        if jax.process_index() == 0:
-            np.save(os.path.join(path, "score_head.npy"), np.asarray(jax.device_get(model.score[...])))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        save_reward_model(model, path, pad_token_id=pad)
     else:
         save_pretrained(model, path)
     if jax.process_index() == 0:

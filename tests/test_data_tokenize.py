@@ -239,3 +239,14 @@ def test_chat_template_exception_is_a_bad_example():
         "fix the messages (roles, order) or use a tokenizer whose template accepts them"
     )
     assert tokenize_pairwise(ex, TOK, BIG)["truncated"] is False  # the same example, with a template that accepts it
+
+
+def test_pair_identical_after_truncation_is_a_bad_example():
+    """' fine !' vs ' fine bad': equal up to 4 tokens (BOS + 2 prompt words + ' fine'), so truncated to 4 nothing
+    is left to prefer; at 5 they differ (and are still truncated: each loses its EOS)."""
+    from align_jax.data.formats import InvalidRecord
+
+    ex = pairwise("hello world", " fine !", " fine bad")
+    assert tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=5))["truncated"] is True
+    with pytest.raises(InvalidRecord, match="identical after truncation to max_length=4 tokens.*raise data.max_length"):
+        tokenize_pairwise(ex, TOK, TokenizeConfig(max_length=4))

@@ -154,6 +154,10 @@ def tokenize_pairwise(ex: dict, tokenizer, cfg: TokenizeConfig) -> dict:
     completions = [decode_value(ex["chosen"], conv), decode_value(ex["rejected"], conv)]
     seqs, truncated = _sequences(*prompt_and_completions(tokenizer, prompt, completions, conv), cfg)
     (c_ids, c_mask), (r_ids, r_mask) = seqs
+    if truncated and np.array_equal(c_ids, r_ids) and np.array_equal(c_mask, r_mask):
+        raise InvalidRecord(f"chosen and rejected are identical after truncation to max_length={cfg.max_length} "
+                            f"tokens (they differ only beyond it): no preference signal is left; raise "
+                            f"data.max_length")
     return {
         "chosen_input_ids": c_ids,
         "chosen_completion_mask": c_mask,

@@ -292,9 +292,11 @@ def save_reward_model(model: ScalarHeadModel, path: str, *, pad_token_id: int,
         raise CheckpointError(f"model_type={config.model_type!r} has no known *ForSequenceClassification class")
     eos = (config.hf_config or {}).get("eos_token_id")
     if int(pad_token_id) in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        log.warning("%s: pad_token_id=%d is an eos_token_id: transformers' sequence classifier will score the token "
-                    "before a trailing EOS, align-jax the EOS itself (save_reward_model's docstring)", path,
-                    pad_token_id)
+        log.warning("%s: the tokenizer has no pad token of its own (pad_token_id=%d is its EOS), so transformers' "
+                    "AutoModelForSequenceClassification will NOT reproduce this reward model's scores on sequences "
+                    "ending with EOS: it scores the token before the trailing EOS, align-jax the EOS itself. "
+                    "align-jax's loader (align_jax.rl.reward_model.load_reward_model) gives the trained scores; for "
+                    "transformers, train with a tokenizer that has a distinct pad token", path, pad_token_id)
     tensors = _hf_tensors(model.backbone)
     tensors.pop("lm_head.weight", None)
     tensors[SCORE_NAME] = np.ascontiguousarray(_host(model.score[...]).reshape(1, -1))

@@ -26,8 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # gradient checkpointing per layer: none | full | dots | dots_with_no_batch_dims
 
     c.data = ml_collections.ConfigDict()
-    # JSON/JSONL file(s) (a path, a glob, or comma-separated paths), an HH-RLHF directory ("hh:<dir>"), or a
-    # file of the embedded toy task ("toy:<name>", e.g. toy:pairs, toy:sft, toy:groups_ranked).
+    # JSON/JSONL, Parquet or Arrow file(s) (a path, a glob, or comma-separated paths), a Hugging Face save_to_disk
+    # directory ("<dir>" or "<dir>:<split>"), an HH-RLHF directory ("hh:<dir>"), or a file of the embedded toy task
+    # ("toy:<name>", e.g. toy:pairs, toy:sft, toy:groups_ranked).
     c.data.train = "toy:pairs"
     c.data.eval = "toy:eval_pairs"  # held-out data in the same format ("" = no eval)
     c.data.kind = ""  # pairwise | groupwise | sft; "" = the algorithm's default (groupwise for ranked RMs)

@@ -37,6 +37,9 @@ def get_config(arg: str = ""):
     c.grpo.mask_truncated_completions = False  # True: completions without EOS do not count in the loss
     c.grpo.log_completions_every = 10  # steps between sample tables (<workdir>/samples.jsonl, TensorBoard text)
     c.grpo.num_completions_to_log = 8
+    # stop with an error when every reward function fails on every completion of this many consecutive rollouts
+    # (0 = never): such a run trains on zero advantages
+    c.grpo.max_failed_reward_steps = 3
     c.grpo.offline_advantages = "ranks"  # grpo_offline: ranks (rank_advantages) | scores (group-normalised)
 
     c.rewards = ml_collections.ConfigDict()

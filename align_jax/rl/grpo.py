@@ -112,6 +112,9 @@ def validate_grpo_config(config) -> None:
         _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of grpo.num_iterations="
                                        f"{g.num_iterations}: a checkpoint must fall on a rollout boundary so that "
                                        "a resumed run restarts exactly")
+    failed = g.get("max_failed_reward_steps", 3)
+    if not isinstance(failed, int) or failed < 0:
+        _bad("grpo.max_failed_reward_steps", f"must be an integer >= 0 (0 = never stop), got {failed!r}")
     if not isinstance(g.max_completion_length, int) or g.max_completion_length < 1:
         _bad("grpo.max_completion_length", f"must be a positive integer, got {g.max_completion_length!r}")
     if not g.temperature > 0:
@@ -302,8 +305,9 @@ class _SampleLog:
         if jax.process_index() != 0:
             return
         if not self.truncated and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+            from align_jax.train.metrics_io import read_metrics  # a torn line (killed mid-write) is dropped
+
+            keep = [line for row, line in read_metrics(self.path) if row["step"] < step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self.truncated = True
@@ -364,6 +368,8 @@ class GRPORollout:
         self.samples = _SampleLog(workdir)
         self.cache = None  # (block index, batch, metrics)
         self.last = None
+        self.max_failed = int(g.get("max_failed_reward_steps", 3))
+        self.failed = []  # (step, first failure) of the consecutive rollouts on which every reward failed
 
     def __call__(self, params, next_batch, step: int):
         block = step // self.mu
@@ -375,6 +381,24 @@ class GRPORollout:
         batch, metrics = self._rollout(params, next_batch(), step)
         self.cache = (block, batch, metrics)
         return batch, metrics
+
+    def _check_failures(self, scored, step: int) -> None:
+        """RewardFailureError when no completion got a reward in `grpo.max_failed_reward_steps` consecutive
+        rollouts (every advantage 0: the run would not learn)."""
+        if not np.isnan(scored.total).all():
+            self.failed = []
+            return
+        self.failed.append((step, scored.failures[0] if scored.failures else None))
+        if not self.max_failed or len(self.failed) < self.max_failed:
+            return
+        step0, f = self.failed[0]
+        first = (f"{f.function} on completion #{f.index} ({f.error}; prompt {_text(f.prompt)!r}, completion "
+                 f"{_text(f.completion)!r})" if f is not None else "none recorded")
+        raise rewards_lib.RewardFailureError(
+            f"reward functions {', '.join(scored.names)} failed for every completion in {len(self.failed)} "
+            f"consecutive rollouts (for steps {step0 + 1} to {step + 1}); first failure: {first}. Fix the reward "
+            f"functions (config.rewards.functions / rewards.kwargs) or the data columns they read; "
+            f"config.grpo.max_failed_reward_steps sets how many such rollouts stop the run (0 = never)")
 
     def _forward(self, graphdef, params, rest, ids, attn):
         from align_jax.train.loop import _to_device
@@ -406,6 +430,7 @@ class GRPORollout:
         columns = {k: [e.get(k) for e in extras] for k in sorted({k for e in extras for k in e})}
         scored = rewards_lib.score(self.functions, self.weights, prompt_text, completions,
                                    completion_ids=completion_ids, max_completion_length=N, **columns)
+        self._check_failures(scored, step)
         adv = group_advantages(scored.total, G, g.scale_rewards)
 
         batch = training_batch(ids_BxP, mask_BxP, comp_ids, comp_mask, adv, eos_id=self.eos,

@@ -18,7 +18,9 @@ Failures. A value that is None, NaN or ±inf counts as "no reward" (NaN). A func
 is re-run one completion at a time; the completions on which it raises get NaN. Failures are reported: one
 `log.warning` per function and batch with the count and the first three (error, prompt, completion); all of
 them in `Rewards.failures`; counted in the rollout metrics as `rewards/<name>/num_failed`. A function that
-returns the wrong number of values is a bug and raises ValueError (as TRL).
+returns the wrong number of values is a bug and raises ValueError (as TRL). When every function fails on every
+completion of `grpo.max_failed_reward_steps` consecutive rollouts, GRPO stops with `RewardFailureError` (it
+would otherwise train on zero advantages, i.e. not at all).
 
 Combination (TRL 1.x `GRPOTrainer`, multi_objective_aggregation="sum_then_normalize"):
 
@@ -47,7 +49,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from align_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class RewardFailureError(UserError, RuntimeError):
+    """The reward functions gave no reward for any completion, rollout after rollout."""
+
 
 REWARD_FUNCTIONS: dict[str, Callable] = {}
 

@@ -1,13 +1,17 @@
 """`train(config, workdir)`: the one training loop shared by every algorithm.
 
-Setup (validated before anything compiles): mesh -> tokenizer -> model (loaded or initialised straight into its
-shardings) -> frozen reference (DPO) -> TFDS dataset + Grain loader -> optax -> state -> Orbax manager (resume
-from the latest checkpoint if there is one, data iterator included).
+Setup (validated before anything compiles): mesh -> tokenizer -> TFDS dataset + Grain loader -> the resolved
+config (`num_epochs` -> `total_steps`) -> the workdir (a restart's config compared with `<workdir>/config.json`,
+a finished run returns at once, the checkpoint directory probed for writing, config.json written) -> model
+(loaded or initialised straight into its shardings) -> frozen reference (DPO) -> optax -> state -> Orbax manager
+(resume from the latest readable checkpoint if there is one, data iterator included).
 
 Loop: dispatch step k, then read step k-1's metrics (one step late, so the host never waits on the device
-mid-step); log every step to metrics.jsonl, every `log_every` to TensorBoard and the progress bar; evaluate
-every `eval_every`; checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (preemption). A
-non-finite loss stops the run after saving the last good state (the step skipped the bad update).
+mid-step); log every step to metrics.jsonl, every `log_every` to TensorBoard and the console; evaluate every
+`eval_every`; checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (preemption). A non-finite
+loss, gradient or update stops the run after saving the last good state (the step skipped the bad update). The
+console gets a few lines at the start (devices and mesh, model, data, steps), one per evaluation, and a summary
+at the end.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax.errors import UserError
 from align_jax.parallel import BATCH, make_mesh
-from align_jax.train import setup
+from align_jax.train import checkpointing, setup
 from align_jax.train.algorithms import get_algorithm
 from align_jax.train.checkpointing import Checkpointer
-from align_jax.train.metrics_io import MetricsWriter, ProgressBar
+from align_jax.train.metrics_io import MetricsWriter, ProgressBar, ZeroGradWatch, final_metrics
 from align_jax.train.optim import make_optimizer
-from align_jax.train.step import jit_eval_step, jit_train_step
+from align_jax.train.step import all_finite, jit_eval_step, jit_train_step
 from align_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
+
+
+# Consecutive steps with a gradient norm of exactly 0 before the loop warns that nothing is learning.
+ZERO_GRAD_STEPS = 3
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -77,15 +85,68 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0)
     return {f"eval/{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
+def _prepare_workdir(config, workdir: str, ckpt_dir: str) -> dict | None:
+    """Before anything is built: a restart (a checkpoint exists) must use the config the run started with, except
+    for the keys that are safe to change (`checkpointing.check_resumed_config`); a finished run (final checkpoint
+    and final log line present) returns its last metrics without touching a file; then the checkpoint directory
+    is probed for writing and `<workdir>/config.json` written. Returns the finished run's metrics, or None."""
+    steps = checkpointing.step_dirs(ckpt_dir)
+    record = checkpointing.config_record(config)
+    saved = checkpointing.read_config_record(workdir)
+    if steps and saved is not None:
+        changed = checkpointing.check_resumed_config(saved, record, workdir, steps[-1])
+        if changed:
+            log.info("resuming with changed settings (allowed on resume): %s", "; ".join(changed))
+    elif steps:
+        log.warning("%s has checkpoints but no config.json: the config cannot be compared with the one the run "
+                    "started with (the model's shapes still are)", workdir)
+    if steps and steps[-1] >= config.total_steps:
+        last = final_metrics(os.path.join(workdir, "metrics.jsonl"), steps[-1])
+        if last is not None:
+            log.info("run in %s is complete (step %d of %d); nothing to do", workdir, steps[-1], config.total_steps)
+            return last
+    checkpointing.check_writable(ckpt_dir)
+    if jax.process_index() == 0:
+        checkpointing.write_config_record(workdir, record)
+    return None
+
+
+def _close_all(closers, raise_first: bool) -> None:
+    """Runs every closer even when some fail (a failed async save re-raises on wait/close): the first error is
+    raised when `raise_first` (nothing else is propagating), the others are logged."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001
+            if raise_first and first is None:
+                first = e
+            else:
+                log.debug("while closing: %s: %s", type(e).__name__, e)
+    if first is not None:
+        raise first
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) the experiment described by `config` in `workdir`; returns the last metrics."""
     validate_config(config)
+    t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
+    main = jax.process_index() == 0
     algorithm = get_algorithm(config.algorithm)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, key="config.mesh")
     setup.check_batch_divisibility(config, mesh)
     tokenizer = setup.load_tokenizer(config)
     data = setup.make_data(config, workdir, tokenizer, algorithm)
+    config = setup.resolve_config(config, data)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    finished = _prepare_workdir(config, workdir, ckpt_dir)
+    if finished is not None:
+        return finished
     model = setup.build_model(config, mesh, algorithm)
     ref_model = setup.build_reference(config, model, algorithm)
 
@@ -110,12 +171,31 @@ def train(config, workdir: str) -> dict:
         ref_graphdef = ref_params = ref_rest = ref_shardings = None
 
     train_iter = iter(data.train)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-    start = ckpt.restore_latest(state, train_iter)
+    ckpt = Checkpointer(ckpt_dir, config.checkpoint)
+    try:
+        start = ckpt.restore_latest(state, train_iter)
+    except BaseException:
+        _close_all([ckpt.close], raise_first=False)
+        raise
     if start is not None:
-        state, start_step = start
-        log.info("resumed from step %d", start_step)
+        state = start[0]
     start_step = int(jax.device_get(state["step"]))
+    if main:
+        m = mesh.shape
+        devices = jax.devices()
+        log.info("mesh: data=%d fsdp=%d tensor=%d over %d %s devices%s", m["data"], m["fsdp"], m["tensor"],
+                 len(devices), devices[0].platform, f" ({jax.process_count()} processes)"
+                 if jax.process_count() > 1 else "")
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        dtype = config.model.dtype + (f" (compute {config.model.compute_dtype})" if config.model.compute_dtype
+                                      and config.model.compute_dtype != config.model.dtype else "")
+        log.info("model: %s from %s, %.2f M parameters, %s", type(model).__name__, config.model.init_from,
+                 n_params / 1e6, dtype)
+        log.info("data: train %s (%d examples, %d skipped, %d truncated); eval %s", config.data.train,
+                 len(data.train_source), data.num_skipped, getattr(data.skips, "num_truncated", 0),
+                 config.data.eval or "none")
+        log.info("training: %s (%s), steps %d -> %d of batch %d%s; workdir %s", config.algorithm, config.loss.name,
+                 start_step, config.total_steps, config.batch_size, " (resumed)" if start_step else "", workdir)
 
     replicated = NamedSharding(mesh, P())
     common = dict(graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef, ref_rest=ref_rest, algorithm=algorithm,
@@ -142,17 +222,18 @@ def train(config, workdir: str) -> dict:
                                     ref_rest=eval_ref[2], algorithm=algorithm, cfg=config)
         return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches)
 
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    writer.truncate_after(start_step)  # a killed run may have logged steps after its last checkpoint
+    def log_eval(step, out):
+        writer.write(step, out, tensorboard=True)
+        if out and main:
+            log.info("eval at step %d: %s", step, _fmt(out))
+
+    writer = bar = None
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    bar = ProgressBar(config.total_steps, start_step, enabled=config.progress_bar and jax.process_index() == 0)
     pending = None  # (step, metrics on device, tokens, t0): read one step late
     last = {}
-    # Online algorithms (GRPO, PPO) turn each prompt batch into a training batch by sampling from the current
-    # policy and scoring the samples: `rollout(params, next_batch, step) -> (numpy batch, host metrics)`.
-    rollout = algorithm.make_rollout(config=config, graphdef=graphdef, rest=rest, ref=eval_ref,
-                                     tokenizer=tokenizer, mesh=mesh, workdir=workdir) if algorithm.make_rollout else None
+    zero_grad = ZeroGradWatch(ZERO_GRAD_STEPS)
+    finite_fn = jax.jit(all_finite)
 
     def flush(p):
         nonlocal last
@@ -160,17 +241,36 @@ def train(config, workdir: str) -> dict:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t0
         m["tokens_per_second"] = n_tokens / max(dt, 1e-9)
-        m["skipped_examples"] = float(data.skips.num_skipped) if data.skips is not None else 0.0
+        m["skipped_examples"] = float(data.num_skipped)
+        m["truncated_examples"] = float(getattr(data.skips, "num_truncated", 0))
         writer.write(step, m, tensorboard=(step % config.log_every == 0 or step == config.total_steps))
         bar.update(step, m)
         last = m
+        if rollout is None and main:  # online RL: a zero gradient is normal when every group's rewards tie
+            zero_grad.update(step, m["grad_norm"])
         if m["nonfinite"] > 0:
-            ckpt.save(int(jax.device_get(state["step"])), state, train_iter, force=True)
+            good = int(jax.device_get(state["step"]))
+            what = (f"non-finite loss, gradient or update at step {step} (loss {m['loss']:.6g}, gradient norm "
+                    f"{m['grad_norm']:.6g}, learning rate {m['learning_rate']:.3g})")
+            if not bool(jax.device_get(finite_fn((state["params"], state["opt_state"])))):
+                raise NonFiniteLossError(f"{what}; the state it started from (step {good}) is itself not finite "
+                                         f"(check model.init_from): nothing was saved")
+            ckpt.save(good, state, train_iter, force=True)
             ckpt.wait()
-            raise NonFiniteLossError(f"non-finite loss or gradient at step {step}; the update was skipped and "
-                                     f"the last good state (step {step - 1}) is saved in {ckpt.directory}")
+            raise NonFiniteLossError(f"{what}; the update was skipped and the last good state (step {good}) is "
+                                     f"saved in {ckpt.directory}")
 
+    ok = False
     try:
+        writer = MetricsWriter(workdir, enabled=main)
+        writer.truncate_after(start_step)  # a killed run may have logged steps after its last checkpoint
+        bar = ProgressBar(config.total_steps, start_step, enabled=main, bar=config.progress_bar,
+                          log_every=config.log_every)
+        # Online algorithms (GRPO, PPO) turn each prompt batch into a training batch by sampling from the current
+        # policy and scoring the samples: `rollout(params, next_batch, step) -> (numpy batch, host metrics)`.
+        rollout = algorithm.make_rollout(config=config, graphdef=graphdef, rest=rest, ref=eval_ref,
+                                         tokenizer=tokenizer, mesh=mesh, workdir=workdir) \
+            if algorithm.make_rollout else None
         step = start_step
         t_prev = time.perf_counter()
         while step < config.total_steps:
@@ -196,7 +296,7 @@ def train(config, workdir: str) -> dict:
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 flush(pending)
                 pending = None
-                writer.write(step, run_eval(), tensorboard=True)
+                log_eval(step, run_eval())
             if step % config.checkpoint.every_steps == 0 or stop["sigterm"]:
                 if pending is not None:  # the log then matches the checkpoint exactly
                     flush(pending)
@@ -212,16 +312,24 @@ def train(config, workdir: str) -> dict:
             flush(pending)
         if not stop["sigterm"]:
             final_eval = run_eval()
-            writer.write(step, final_eval, tensorboard=True)
+            if final_eval and main:
+                log.info("eval at step %d: %s", step, _fmt(final_eval))
             last.update(final_eval)
             ckpt.save(step, state, train_iter, force=True)
+            ckpt.wait()
             if config.export:
                 setup.export(config, nnx.merge(graphdef, state["params"], rest), tokenizer,
                              os.path.join(workdir, "export"))
+            # the last line: a re-run of this workdir finds it and has nothing to do
+            writer.write(step, final_eval, tensorboard=True, final=True)
+            if main:
+                log.info("done: step %d of %d in %.1f s (%d steps), final loss %s; checkpoints in %s, metrics in %s, "
+                         "TensorBoard in %s%s", step, config.total_steps, time.perf_counter() - t_start,
+                         step - start_step, f"{last['loss']:.4f}" if "loss" in last else "n/a", ckpt_dir,
+                         os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard"),
+                         f", export in {os.path.join(workdir, 'export')}" if config.export else "")
+        ok = True
     finally:
-        ckpt.wait()
-        ckpt.close()
-        bar.close()
-        writer.close()
         signal.signal(signal.SIGTERM, old_handler)
+        _close_all([ckpt.wait, ckpt.close] + [x.close for x in (bar, writer) if x is not None], raise_first=ok)
     return last

@@ -5,8 +5,10 @@ state = {"step": int32[], "params": nnx.State (Params only), "opt_state": optax 
 
 A step computes the algorithm's loss and gradients (optionally accumulated over `grad_accum_steps` micro-batches
 with a `lax.scan`: micro-batch i is rows i, i+A, i+2A, ... so that no row moves between devices), applies one
-optax update, and *skips* the update when the loss or the gradient norm is not finite (`nonfinite` = 1 in the
-metrics), so the state stays the last good one while the host, reading metrics one step late, stops the run.
+optax update, and *skips* the update when the loss, the gradient norm, the updated parameters or the updated
+optimizer state are not finite (`nonfinite` = 1 in the metrics; e.g. a learning rate so large that a finite
+update overflows the parameters), so the state is always the last good one while the host, reading metrics one
+step late, stops the run: a non-finite state is never checkpointed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ def _microbatches(batch, accum: int):
         return x.reshape(B // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def all_finite(tree):
+    """One boolean scalar: every floating-point leaf of `tree` is finite (a single fused reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
@@ -52,9 +60,9 @@ def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_re
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, metrics = ls.mean(), jax.tree.map(lambda m: m.mean(), ms)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": keep(new_params, params),
                  "opt_state": keep(new_opt, state["opt_state"]), "rng": state["rng"]}

@@ -156,7 +156,7 @@ def _comments(path: str) -> dict[str, str]:
             above.insert(0, standalone[j])
             j -= 1
         parts = above + ([line_comment[i]] if i in line_comment else [])
-        if parts:
+        if parts and key not in out:  # a file's first assignment documents the key (later ones are variants)
             out[key] = " ".join(parts)
     return out
 

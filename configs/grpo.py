@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
     # registered names (align_jax.rl.rewards: toy_gold, toy_correctness, toy_format, toy_safety, length_penalty)
     # or "module:function"; combined as sum_k w_k r_k
     c.rewards.functions = ("toy_gold",)
-    c.rewards.weights = (1.0,)
+    c.rewards.weights = ()  # one per function; () = all 1.0
     c.rewards.kwargs = ml_collections.ConfigDict({})  # {"length_penalty": {"soft_punish_cache": 4}}
 
     c.data.train = "toy:prompts"

@@ -153,3 +153,27 @@ def test_chat_template_missing_is_named_and_chatml_can_be_set(tmp_path):
     tok = load_tokenizer(c)
     assert tok.decode(tokenize_chat(tok, messages, add_generation_prompt=True)) == \
         tok.decode(tok("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+
+
+def test_online_runs_end_on_a_rollout_boundary():
+    c = load_config("grpo", **{"grpo.num_iterations": 2, "total_steps": 5, "checkpoint.every_steps": 2})
+    with pytest.raises(ConfigValueError, match=r"config\.total_steps: 5 is not a multiple of grpo\.num_iterations=2"):
+        validate_config(c)
+    c = load_config("ppo", **{"total_steps": 5, "ppo.reward_model": ROOT})  # tiny: 2 epochs x 1 minibatch
+    with pytest.raises(ConfigValueError, match=r"config\.total_steps: 5 is not a multiple of num_ppo_epochs"):
+        validate_config(c)
+
+
+def test_reward_weights_default_to_one_each_and_signatures_are_checked(tmp_path):
+    from align_jax.rl.rewards import RewardConfigError, get_reward_function
+
+    validate_config(load_config("grpo", **{"rewards.functions": ("toy_gold", "toy_format")}))  # no weights given
+    (tmp_path / "myrewards_sig.py").write_text("def no_kwargs(prompts, completions):\n    return [0.0] * len(prompts)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(RewardConfigError, match=r"'myrewards_sig:no_kwargs' must have TRL's signature .*\*\*kwargs"):
+            get_reward_function("myrewards_sig:no_kwargs")
+        with pytest.raises(RewardConfigError, match="cannot load 'myrewards_sig:nope'"):
+            get_reward_function("myrewards_sig:nope")
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -295,3 +295,54 @@ def test_console_lines(finished):
     assert any(line.startswith("INFO eval at step 3: eval/logps/chosen") for line in logs)
     done = [line for line in logs if line.startswith("INFO done: step 3 of 3")]
     assert len(done) == 1 and "final loss" in done[0] and "metrics.jsonl" in done[0] and "tensorboard" in done[0]
+
+
+# ------------------------------------------------------------------------------------------------ follow-ups
+
+
+def test_restart_on_changed_data_contents_is_refused(tmp_path):
+    """Same path, other contents: the run would mix two datasets. config.json records the data's fingerprint."""
+    from align_jax.data.toy import generate
+
+    rows = open(generate(tmp_path / "toy")["pairs"]).readlines()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(rows[:40]))
+    cfg = lambda n: _cfg(total_steps=n, **{"data.train": str(path)})  # noqa: E731
+    wd = str(tmp_path / "w")
+    train(cfg(2), wd)
+    path.write_text("".join(rows[:30]))
+    with pytest.raises(UserError, match=r"data_fingerprint: .* -> .*\n.*the data file\(s\) changed, or moved"):
+        train(cfg(3), wd)
+    path.write_text("".join(rows[:40]))
+    train(cfg(3), wd)  # the original data again: resumes
+    assert [m["step"] for m in _metrics(wd) if "loss" in m] == [1, 2, 3]
+
+
+def test_rerun_of_a_finished_run_without_its_export_writes_it(tmp_path):
+    wd = str(tmp_path / "w")
+    train(_cfg(total_steps=2), wd)
+    assert not os.path.exists(os.path.join(wd, "export"))
+    train(_cfg(total_steps=2, export=True), wd)
+    assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    import signal
+
+    wd = str(tmp_path / "int")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align_jax.main", "--config=configs/dpo.py:tiny", f"--workdir={wd}",
+         "--config.total_steps=100000", "--config.checkpoint.every_steps=100000", "--config.data.eval=",
+         "--config.data.length_buckets=(64,)", "--config.progress_bar=False"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    path = os.path.join(wd, "metrics.jsonl")
+    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+    logged = max(m["step"] for m in _metrics(wd) if "loss" in m)
+    assert saved == [logged] and "SIGINT: checkpoint saved at step" in err and "Traceback" not in err

@@ -105,6 +105,7 @@ def test_algorithms_train_and_export(tmp_path, name, arg):
     if name == "orpo":
         assert {"nll_loss", "log_odds_ratio", "rewards/accuracies"} <= set(m[1])
         assert "eval/rewards/accuracies" in out
+        assert out["eval/loss"] > out["eval/nll_loss"] > 0  # ORPO's loss = NLL + beta * (-log sigmoid(log odds))
         assert 0.0 <= out["eval/gen/instruction_following"] <= 1.0 and "eval/gen/gold_reward" in out
     if name == "reward_model":
         assert ({"accuracy", "margin"} if arg == "tiny" else {"top1_accuracy"}) <= set(m[1])

@@ -112,6 +112,9 @@ def validate_grpo_config(config) -> None:
         _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of grpo.num_iterations="
                                        f"{g.num_iterations}: a checkpoint must fall on a rollout boundary so that "
                                        "a resumed run restarts exactly")
+    if not config.get("num_epochs", 0) and config.total_steps % g.num_iterations:
+        _bad("total_steps", f"{config.total_steps} is not a multiple of grpo.num_iterations={g.num_iterations}: a "
+                            "run must end on a rollout boundary so that extending it later resumes exactly")
     failed = g.get("max_failed_reward_steps", 3)
     if not isinstance(failed, int) or failed < 0:
         _bad("grpo.max_failed_reward_steps", f"must be an integer >= 0 (0 = never stop), got {failed!r}")

@@ -97,6 +97,9 @@ def validate_ppo_config(config) -> None:
     if config.checkpoint.every_steps % K:
         _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of num_ppo_epochs x "
                                        f"num_mini_batches = {K}: a checkpoint must fall on a rollout boundary")
+    if not config.get("num_epochs", 0) and config.total_steps % K:
+        _bad("total_steps", f"{config.total_steps} is not a multiple of num_ppo_epochs x num_mini_batches = {K}: a "
+                            "run must end on a rollout boundary so that extending it later resumes exactly")
     if not p.temperature > 0:
         _bad("ppo.temperature", f"must be > 0, got {p.temperature!r}")
     if p.kl_estimator not in ("k1", "k3"):

@@ -43,7 +43,8 @@ from flax import nnx
 
 from align_jax.data import tokenize
 from align_jax.data.formats import InvalidRecord
-from align_jax.models.checkpoint import is_sequence_classification, load_pretrained, load_sequence_classification
+from align_jax.models.checkpoint import (CheckpointError, is_sequence_classification, load_pretrained,
+                                         load_sequence_classification)
 from align_jax.models.heads import ScalarHeadModel, last_token_index
 from align_jax.models.llama import default_positions
 
@@ -65,7 +66,7 @@ def _read_head(path: str) -> np.ndarray:
 
         head = head.view(ml_dtypes.bfloat16)
     if head.ndim != 1:
-        raise ValueError(f"{path}/{HEAD_FILE}: expected a [hidden_size] vector, got shape {head.shape}")
+        raise CheckpointError(f"{path}/{HEAD_FILE}: expected a [hidden_size] vector, got shape {head.shape}")
     return head
 
 
@@ -78,20 +79,22 @@ def load_reward_model(path: str, *, mesh=None, dtype: str = "float32") -> Scalar
     ValueError naming `path` when it is not a reward model (no config.json; or a causal LM without
     score_head.npy, e.g. a policy export) or the head does not match the backbone's hidden size."""
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} is not a reward model: config.json is missing (expected a Hugging Face model "
-                         "directory: the reward-model trainer's export)")
+        raise CheckpointError(f"{path!r} is not a reward model: config.json is missing (expected a Hugging Face "
+                              "model directory: the reward-model trainer's export)")
     if is_sequence_classification(path):
         backbone, head = load_sequence_classification(path, dtype=dtype, mesh=mesh)
     else:
         if not os.path.exists(os.path.join(path, HEAD_FILE)):
-            raise ValueError(f"{path!r} is not a reward model: its config.json is not a *ForSequenceClassification "
-                             f"and {HEAD_FILE} is missing (a reward model is a sequence classifier with "
-                             f"num_labels=1, or a causal-LM backbone + {HEAD_FILE}; a policy export has neither)")
+            raise CheckpointError(f"{path!r} is not a reward model: its config.json is not a "
+                                  f"*ForSequenceClassification and {HEAD_FILE} is missing (a reward model is a "
+                                  f"sequence classifier with num_labels=1, or a causal-LM backbone + {HEAD_FILE}; a "
+                                  f"policy export has neither)")
         head = _read_head(path)
         backbone = load_pretrained(path, dtype=dtype, mesh=mesh)
         D = backbone.config.hidden_size
         if head.shape != (D,):
-            raise ValueError(f"{path}/{HEAD_FILE}: shape {head.shape} does not match hidden_size={D} of config.json")
+            raise CheckpointError(f"{path}/{HEAD_FILE}: shape {head.shape} does not match hidden_size={D} of "
+                                  f"config.json")
     model = ScalarHeadModel(backbone.config, rngs=nnx.Rngs(0), backbone=backbone)
     value = np.asarray(head, dtype=np.dtype(backbone.config.param_dtype))
     if mesh is not None:

@@ -18,9 +18,9 @@ Failures. A value that is None, NaN or ±inf counts as "no reward" (NaN). A func
 is re-run one completion at a time; the completions on which it raises get NaN. Failures are reported: one
 `log.warning` per function and batch with the count and the first three (error, prompt, completion); all of
 them in `Rewards.failures`; counted in the rollout metrics as `rewards/<name>/num_failed`. A function that
-returns the wrong number of values is a bug and raises ValueError (as TRL). When every function fails on every
-completion of `grpo.max_failed_reward_steps` consecutive rollouts, GRPO stops with `RewardFailureError` (it
-would otherwise train on zero advantages, i.e. not at all).
+returns the wrong number of values is a bug and raises RewardConfigError (TRL raises too). When every function
+fails on every completion of `grpo.max_failed_reward_steps` consecutive rollouts, GRPO stops with
+`RewardFailureError` (it would otherwise train on zero advantages, i.e. not at all).
 
 Combination (TRL 1.x `GRPOTrainer`, multi_objective_aggregation="sum_then_normalize"):
 
@@ -32,7 +32,8 @@ which *all* failed is excluded from its group's mean/std and gets advantage 0 (`
 single reward function, a failure therefore always excludes the completion from its group's statistics.
 
 A trained reward model as a reward: `"rm:<dir>"` names a reward-model export (the reward-model trainer's
-`export`: backbone + `score_head.npy` + tokenizer); `reward_model_reward` loads it once and returns
+`export`: a `*ForSequenceClassification` directory + tokenizer; the older backbone + `score_head.npy` form
+loads too); `reward_model_reward` loads it once and returns
 `align_jax.rl.reward_model.RewardModelReward`, which scores `prompt + completion` tokenized as in reward-model
 training (EOS appended to text completions, chat template for conversations; TRL's GRPO scores the decoded text
 without EOS instead, see that module), batched and padded to fixed length buckets.
@@ -43,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import logging
 import math
 from typing import Callable, Sequence
@@ -52,6 +54,10 @@ import numpy as np
 from align_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class RewardConfigError(UserError, ValueError):
+    """A reward function that cannot be loaded or called as the trainer calls it (names the function)."""
 
 
 class RewardFailureError(UserError, RuntimeError):
@@ -82,6 +88,21 @@ def reward_model_reward(path: str, **kwargs):
     return RewardModelReward(path, **kwargs)
 
 
+def _check_signature(spec: str, fn: Callable) -> None:
+    """The trainer calls fn(prompts=, completions=, <dataset columns>=, completion_ids=, max_completion_length=):
+    refuse, before training, a function that cannot take those keywords."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    names = {p.name for p in params}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or not {"prompts", "completions"} <= names:
+        raise RewardConfigError(
+            f"rewards.functions: {spec!r} must have TRL's signature fn(prompts, completions, **kwargs) (the trainer "
+            f"also passes completion_ids, max_completion_length and the dataset's columns as keywords); its "
+            f"signature is {inspect.signature(fn)}")
+
+
 def get_reward_function(spec: str, kwargs: dict | None = None) -> Callable:
     """A registered name, "module:function", or "rm:<dir>" (a trained reward model) -> the callable, with
     `kwargs` bound (for "rm:", the options of `RewardModelReward`). ValueError naming the spec when it cannot be
@@ -95,11 +116,12 @@ def get_reward_function(spec: str, kwargs: dict | None = None) -> Callable:
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"rewards.functions: cannot load {spec!r}: {e}") from None
+            raise RewardConfigError(f"rewards.functions: cannot load {spec!r}: {e}") from None
         if not callable(fn):
-            raise ValueError(f"rewards.functions: {spec!r} is not callable")
+            raise RewardConfigError(f"rewards.functions: {spec!r} is not callable")
+        _check_signature(spec, fn)
     else:
-        raise ValueError(f"rewards.functions: unknown reward {spec!r}; registered: {sorted(REWARD_FUNCTIONS)} "
+        raise RewardConfigError(f"rewards.functions: unknown reward {spec!r}; registered: {sorted(REWARD_FUNCTIONS)} "
                          "(or give 'module:function')")
     return functools.partial(fn, **kwargs) if kwargs else fn
 
@@ -197,7 +219,7 @@ def _run_one_function(name, fn, prompts, completions, kwargs, failures) -> list[
     try:
         raw = _call(fn, prompts, completions, kwargs)
     except _WrongLength as e:
-        raise ValueError(f"reward function {name!r} returned {e.args[0]} rewards for {R} completions") from None
+        raise RewardConfigError(f"reward function {name!r} returned {e.args[0]} rewards for {R} completions") from None
     except Exception as batch_error:  # noqa: BLE001 — re-run row by row to find the failing completions
         log.debug("reward %s raised on the batch (%r); scoring row by row", name, batch_error)
         raw = []
@@ -206,7 +228,8 @@ def _run_one_function(name, fn, prompts, completions, kwargs, failures) -> list[
             try:
                 raw.append(_call(fn, [prompts[i]], [completions[i]], row_kw)[0])
             except _WrongLength as e:
-                raise ValueError(f"reward function {name!r} returned {e.args[0]} rewards for 1 completion") from None
+                raise RewardConfigError(f"reward function {name!r} returned {e.args[0]} rewards for 1 "
+                                        "completion") from None
             except Exception as e:  # noqa: BLE001
                 failures.append(RewardFailure(name, i, f"{type(e).__name__}: {e}", prompts[i], completions[i]))
                 raw.append(math.nan)
@@ -225,7 +248,7 @@ def score(functions: Sequence[tuple[str, Callable]], weights: Sequence[float], p
     """Runs every reward function on the R completions and combines them (module docstring). `kwargs` are the
     keywords passed to each function (dataset columns as lists of length R, completion_ids, ...)."""
     if len(weights) != len(functions):
-        raise ValueError(f"rewards.weights has {len(weights)} entries for {len(functions)} reward functions")
+        raise RewardConfigError(f"rewards.weights has {len(weights)} entries for {len(functions)} reward functions")
     failures: list[RewardFailure] = []
     per = np.asarray([_run_one_function(name, fn, list(prompts), list(completions), kwargs, failures)
                       for name, fn in functions], np.float32).T.reshape(len(prompts), len(functions))
@@ -245,5 +268,5 @@ def load_reward_functions(specs: Sequence[str], kwargs: dict | None = None) -> l
     """[(name, fn)] for the config's `rewards.functions`; `kwargs` maps a spec to keyword arguments."""
     kwargs = kwargs or {}
     if not specs:
-        raise ValueError("rewards.functions is empty: GRPO needs at least one reward function")
+        raise RewardConfigError("rewards.functions is empty: GRPO needs at least one reward function")
     return [(spec, get_reward_function(spec, dict(kwargs.get(spec, {})))) for spec in specs]

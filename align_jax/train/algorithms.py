@@ -134,11 +134,19 @@ def orpo_loss(model, batch, ref_model, cfg):
 
 
 def orpo_eval(model, batch, ref_model, cfg):
+    """Per-pair eval quantities; `loss` is the configured ORPO loss of each pair on its own."""
     (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(model, batch, cfg.chunk_size)
     beta = cfg.loss.kwargs.get("beta", 0.1)
     c, r = _seq(c_lp, c_m) / jnp.maximum(c_m.sum(-1), 1), _seq(r_lp, r_m) / jnp.maximum(r_m.sum(-1), 1)
+    fn, kw, soft = losses.get_loss(cfg.loss.name), dict(cfg.loss.kwargs), cfg.loss.get("use_soft_labels", True)
+
+    def one(c_lp, r_lp, c_m, r_m, p):
+        extra = {"label_probs": p[None]} if soft else {}
+        return fn(c_lp[None], r_lp[None], c_m[None], r_m[None], **extra, **kw)[0]
+
+    loss = jax.vmap(one)(c_lp, r_lp, c_m, r_m, batch["label_probs"])
     return {"rewards/chosen": beta * c, "rewards/rejected": beta * r, "rewards/margins": beta * (c - r),
-            "rewards/accuracies": (c > r).astype(jnp.float32), "nll_loss": -c}
+            "rewards/accuracies": (c > r).astype(jnp.float32), "nll_loss": -c, "loss": loss}
 
 
 # ------------------------------------------------------------------------------------------- reward model

@@ -284,6 +284,9 @@ def check_resumed_config(saved: dict, new: dict, workdir: str, step: int) -> lis
     show = lambda v: v if v == "(not set)" else json.dumps(v)  # noqa: E731
     lines = [f"{k}: {show(a.get(k, '(not set)'))} -> {show(b.get(k, '(not set)'))}" for k in diffs]
     unsafe = [line for k, line in zip(diffs, lines) if k not in SAFE_TO_CHANGE]
+    if "data_fingerprint" in diffs:
+        unsafe.append("(data_fingerprint is the training data's content and path: the data file(s) changed, or "
+                      "moved, since the run started)")
     if unsafe:
         raise CheckpointError(
             f"{workdir} holds a run (checkpoint of step {step}) started with another config; resuming it would mix "

@@ -8,10 +8,10 @@ a finished run returns at once, the checkpoint directory probed for writing, con
 
 Loop: dispatch step k, then read step k-1's metrics (one step late, so the host never waits on the device
 mid-step); log every step to metrics.jsonl, every `log_every` to TensorBoard and the console; evaluate every
-`eval_every`; checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (preemption). A non-finite
-loss, gradient or update stops the run after saving the last good state (the step skipped the bad update). The
-console gets a few lines at the start (devices and mesh, model, data, steps), one per evaluation, and a summary
-at the end.
+`eval_every`; checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (preemption) or Ctrl-C (then
+KeyboardInterrupt; a second Ctrl-C interrupts at once). A non-finite loss, gradient or update stops the run
+after saving the last good state (the step skipped the bad update). The console gets a few lines at the start
+(devices and mesh, model, data, steps), one per evaluation, and a summary at the end.
 """
 
 from __future__ import annotations
@@ -85,13 +85,15 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0)
     return {f"eval/{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
-def _prepare_workdir(config, workdir: str, ckpt_dir: str) -> dict | None:
+def _prepare_workdir(config, workdir: str, ckpt_dir: str, data_fingerprint: str = "") -> dict | None:
     """Before anything is built: a restart (a checkpoint exists) must use the config the run started with, except
     for the keys that are safe to change (`checkpointing.check_resumed_config`); a finished run (final checkpoint
     and final log line present) returns its last metrics without touching a file; then the checkpoint directory
     is probed for writing and `<workdir>/config.json` written. Returns the finished run's metrics, or None."""
     steps = checkpointing.step_dirs(ckpt_dir)
     record = checkpointing.config_record(config)
+    if data_fingerprint:  # the training data's content, not only its path, must match on resume
+        record["data_fingerprint"] = data_fingerprint
     saved = checkpointing.read_config_record(workdir)
     if steps and saved is not None:
         changed = checkpointing.check_resumed_config(saved, record, workdir, steps[-1])
@@ -102,7 +104,9 @@ def _prepare_workdir(config, workdir: str, ckpt_dir: str) -> dict | None:
                     "started with (the model's shapes still are)", workdir)
     if steps and steps[-1] >= config.total_steps:
         last = final_metrics(os.path.join(workdir, "metrics.jsonl"), steps[-1])
-        if last is not None:
+        if last is not None and config.export and not os.path.exists(os.path.join(workdir, "export", "config.json")):
+            log.info("run in %s is complete but has no export: writing it", workdir)
+        elif last is not None:
             log.info("run in %s is complete (step %d of %d); nothing to do", workdir, steps[-1], config.total_steps)
             return last
     checkpointing.check_writable(ckpt_dir)
@@ -144,7 +148,7 @@ def train(config, workdir: str) -> dict:
     data = setup.make_data(config, workdir, tokenizer, algorithm)
     config = setup.resolve_config(config, data)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    finished = _prepare_workdir(config, workdir, ckpt_dir)
+    finished = _prepare_workdir(config, workdir, ckpt_dir, data.train_fingerprint)
     if finished is not None:
         return finished
     model = setup.build_model(config, mesh, algorithm)
@@ -228,8 +232,15 @@ def train(config, workdir: str) -> dict:
             log.info("eval at step %d: %s", step, _fmt(out))
 
     writer = bar = None
-    stop = {"sigterm": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    stop = {"sigterm": False, "signal": ""}
+
+    def on_signal(signum, frame):  # SIGTERM (preemption) or Ctrl-C: checkpoint at the end of this step, then stop
+        stop.update(sigterm=True, signal=signal.Signals(signum).name)
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    old_int_handler = signal.signal(signal.SIGINT, on_signal)
     pending = None  # (step, metrics on device, tokens, t0): read one step late
     last = {}
     zero_grad = ZeroGradWatch(ZERO_GRAD_STEPS)
@@ -306,7 +317,8 @@ def train(config, workdir: str) -> dict:
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
             if stop["sigterm"]:
-                log.warning("SIGTERM: checkpoint saved at step %d; exiting", step)
+                log.warning("%s: checkpoint saved at step %d in %s; run the same command again to resume",
+                            stop["signal"], step, ckpt_dir)
                 break
         if pending is not None:
             flush(pending)
@@ -331,5 +343,8 @@ def train(config, workdir: str) -> dict:
         ok = True
     finally:
         signal.signal(signal.SIGTERM, old_handler)
+        signal.signal(signal.SIGINT, old_int_handler)
         _close_all([ckpt.wait, ckpt.close] + [x.close for x in (bar, writer) if x is not None], raise_first=ok)
+    if stop["signal"] == "SIGINT":  # the checkpoint is saved; the command line reports the interruption (exit 130)
+        raise KeyboardInterrupt
     return last

@@ -90,6 +90,7 @@ class Data:
     train_source: object = None
     loader_kw: dict = dataclasses.field(default_factory=dict)
     parse_skipped: int = 0  # bad records skipped while building the TFDS dataset (before tokenization)
+    train_fingerprint: str = ""  # the built training dataset (its content hash): a restart must train on the same
 
     @property
     def num_skipped(self) -> int:
@@ -141,18 +142,19 @@ def _build(spec: str, kind: str, workdir: str, config, key: str, split: str):
     if how == "hh":
         builder, stats = build_hh_rlhf(what, data_dir=data_dir, on_bad_example=config.data.on_bad_example,
                                        splits=(split,))
-        return builder.as_data_source(split), stats
-    builder, stats = build_dataset(what, kind=kind, data_dir=data_dir, on_bad_example=config.data.on_bad_example)
-    if stats.num_skipped:
-        log.warning("%s: skipped %d bad examples, e.g. %s", spec, stats.num_skipped, stats.skipped_reasons[:3])
-    return builder.as_data_source("train"), stats
+        source = builder.as_data_source(split)
+    else:
+        builder, stats = build_dataset(what, kind=kind, data_dir=data_dir, on_bad_example=config.data.on_bad_example)
+        source = builder.as_data_source("train")
+    # The built dataset's directory under data_dir names its content fingerprint (files, contents, parser version).
+    return source, stats, os.path.relpath(str(builder.data_dir), data_dir)
 
 
 def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
     from align_jax.data import make_loader
 
     kind = config.data.kind or algorithm.data_kind
-    train_source, stats = _build(config.data.train, kind, workdir, config, "train", "train")
+    train_source, stats, fingerprint = _build(config.data.train, kind, workdir, config, "train", "train")
     kw = dict(kind=kind, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length or None,
               truncation_mode=config.data.truncation_mode, length_buckets=tuple(config.data.length_buckets),
               group_size=config.data.group_size or None, on_bad_example=config.data.on_bad_example)
@@ -161,14 +163,25 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
                                packing=config.data.packing, drop_remainder=True, prefetch=2, **kw)
     eval_fn = None
     if config.data.eval:
-        eval_source, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")
+        eval_source, _, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")
 
         def eval_fn():
             ds, _ = make_loader(eval_source, tokenizer, batch_size=config.eval_batch_size // jax.process_count(),
                                 seed=0, shuffle=False, num_epochs=1, packing=False, drop_remainder=False, **kw)
             return ds
 
-    return Data(kind, train, eval_fn, skips, train_source, kw, parse_skipped=stats.num_skipped)
+    return Data(kind, train, eval_fn, skips, train_source, kw, parse_skipped=stats.num_skipped,
+                train_fingerprint=fingerprint)
+
+
+def rollout_steps(config) -> int:
+    """Optimizer steps per rollout of an online algorithm (GRPO: num_iterations; PPO: num_ppo_epochs x
+    num_mini_batches); 1 otherwise."""
+    if config.algorithm == "grpo":
+        return config.grpo.num_iterations
+    if config.algorithm == "ppo":
+        return config.ppo.num_ppo_epochs * config.ppo.num_mini_batches
+    return 1
 
 
 def resolve_config(config, data: Data):
@@ -178,6 +191,8 @@ def resolve_config(config, data: Data):
     if config.get("num_epochs", 0) and config.num_epochs > 0:
         n = data.num_train_examples
         config.total_steps = max(1, math.ceil(config.num_epochs * n / config.batch_size))
+        per_rollout = rollout_steps(config)
+        config.total_steps = math.ceil(config.total_steps / per_rollout) * per_rollout  # whole rollouts
         log.info("num_epochs=%g over %d examples at batch %d: total_steps=%d", config.num_epochs, n,
                  config.batch_size, config.total_steps)
     return config

@@ -99,7 +99,8 @@ def pipeline_rows(pairs, **kw):
         conv = not isinstance(p, str)
         if conv and isinstance(c, str):
             c = [{"role": "assistant", "content": c}]
-        records.append({"prompt": enc(p), "chosen": enc(c), "rejected": enc(c), "chosen_prob": 1.0,
+        other = " no" if isinstance(c, str) else [{"role": "assistant", "content": "no"}]  # any other rejected
+        records.append({"prompt": enc(p), "chosen": enc(c), "rejected": enc(other), "chosen_prob": 1.0,
                         "conversational": int(conv), "source": "test"})
     ds, _ = make_loader(records, TOK, kind="pairwise", batch_size=len(records), shuffle=False, num_epochs=1,
                         drop_remainder=False, shard_by_process=False, length_buckets=(64,), **kw)
@@ -257,7 +258,7 @@ def test_save_reward_model_is_a_sequence_classifier_and_round_trips(tmp_path, ca
     with pytest.raises(ValueError, match="pad_token_id"):
         save_reward_model(model, path, pad_token_id=None)
     save_reward_model(model, str(tmp_path / "pad_eos"), pad_token_id=TOK.eos_token_id)  # allowed, with a warning
-    assert "pad_token_id=2 is an eos_token_id" in caplog.text
+    assert "pad_token_id=2 is its EOS" in caplog.text and "will NOT reproduce" in caplog.text
 
 
 def test_multi_label_classifier_is_refused(tmp_path):

@@ -101,20 +101,32 @@ def test_missing_init_from_directory_is_named(tmp_path):
         train(c, str(tmp_path / "w"))
 
 
-def _eval_loss(tmp_path, name, **kw):
-    c = load_config("dpo", **{"loss.name": name, "total_steps": 1, "checkpoint.every_steps": 1, "export": False,
-                              "optimizer.learning_rate": 1e-9, "eval_batches": 1, "data.length_buckets": (64,),
-                              **kw})
-    out = train(c, str(tmp_path / name.replace(":", "_")))
-    return out["eval/loss"]
+def test_dpo_eval_loss_is_the_configured_loss():
+    """With the policy as its own reference every log-ratio is 0: sigmoid's loss is log 2 per pair, IPO's
+    (0 - 1/(2 beta))^2 = 25 at beta 0.1, hinge's relu(1 - 0) = 1."""
+    import jax
+    from flax import nnx
+    from transformers import AutoTokenizer
 
+    from align_jax.data import make_loader
+    from align_jax.data.toy import TOKENIZER_DIR, generate, toy_model_config
+    from align_jax.models import from_hf_config
+    from align_jax.models.llama import Transformer
+    from align_jax.train.algorithms import dpo_eval
 
-def test_dpo_eval_loss_is_the_configured_loss(tmp_path):
-    """After one step at lr 1e-9 the policy is the reference up to ~1e-7 in the log-ratios: sigmoid's loss is
-    log 2 per pair, IPO's (0 - 1/(2 beta))^2 = 25 at beta 0.1, hinge's relu(1 - 0) = 1."""
-    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:sigmoid"), np.log(2.0), rtol=1e-4)
-    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:ipo"), 25.0, rtol=1e-4)
-    np.testing.assert_allclose(_eval_loss(tmp_path, "dpo:hinge"), 1.0, rtol=1e-4)
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    records = [json.loads(line) for line in open(generate(os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                                       "align_jax_cli_toy"))["eval_pairs"])][:4]
+    rows = [{"prompt": json.dumps(r["prompt"]), "chosen": json.dumps(r["chosen"]), "rejected": json.dumps(r["rejected"]),
+             "chosen_prob": 1.0, "conversational": 1, "source": f"t:{i}"} for i, r in enumerate(records)]
+    (batch,) = list(make_loader(rows, tok, kind="pairwise", batch_size=4, shuffle=False, num_epochs=1,
+                                drop_remainder=False, shard_by_process=False, length_buckets=(64,))[0])
+    batch = {k: v for k, v in batch.items() if k not in ("record_index",)}
+    model = Transformer(from_hf_config(toy_model_config()), rngs=nnx.Rngs(0))
+    for name, want in (("dpo:sigmoid", np.log(2.0)), ("dpo:ipo", 25.0), ("dpo:hinge", 1.0)):
+        cfg = load_config("dpo", **{"loss.name": name})
+        out = jax.device_get(dpo_eval(model, batch, model, cfg))
+        np.testing.assert_allclose(out["loss"], np.full(4, want), rtol=1e-6, err_msg=name)
 
 
 def test_num_epochs_sets_total_steps(tmp_path):

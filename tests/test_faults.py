@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from util import ROOT, final_params, load_config
+from util import ROOT, final_params, interrupt_and_check, load_config
 from align_jax.errors import UserError
 from align_jax.train import NonFiniteLossError, train
 
@@ -336,13 +336,5 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
          "--config.total_steps=100000", "--config.checkpoint.every_steps=100000", "--config.data.eval=",
          "--config.data.length_buckets=(64,)", "--config.progress_bar=False"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    path = os.path.join(wd, "metrics.jsonl")
-    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 2):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
-    saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
-    logged = max(m["step"] for m in _metrics(wd) if "loss" in m)
-    assert saved == [logged] and "SIGINT: checkpoint saved at step" in err and "Traceback" not in err
+    err = interrupt_and_check(proc, wd, signal.SIGINT, 130)
+    assert "SIGINT: checkpoint saved at step" in err and "Traceback" not in err

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import final_params, load_config, train_and_kill
+from util import final_params, interrupt_and_check, load_config, train_and_kill
 from align_jax.train import NonFiniteLossError, train
 from align_jax.train.setup import SetupError
 from align_jax.train.validate import ConfigValueError
@@ -129,7 +129,6 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     import signal
-    import time
 
     wd = str(tmp_path / "term")
     code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
@@ -139,15 +138,5 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
             "train(_cfg_dpo(None, total_steps=10000, **{'checkpoint.every_steps': 10000}), %r)\n"
             ) % (ROOT, os.path.join(ROOT, "tests"), wd)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        path = os.path.join(wd, "metrics.jsonl")
-        if os.path.exists(path) and len(open(path).readlines()) >= 2:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
-    logged = max(m["step"] for m in metrics(wd) if "loss" in m)
-    assert saved == [logged] and logged < 10000  # preempted: state and log agree on the last step
+    interrupt_and_check(proc, wd, signal.SIGTERM, 0)  # preempted: state and log agree on the last step
+

@@ -52,3 +52,22 @@ def final_params(workdir: str, step: int) -> list[np.ndarray]:
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
         restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
+
+
+def interrupt_and_check(proc, workdir: str, signum: int, returncode: int) -> str:
+    """Sends `signum` to a training subprocess once it has logged two steps; checks its exit status and that its
+    only checkpoint is its last logged step (state and log agree). Returns its stderr."""
+    import json
+    import time
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == returncode, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    logged = max(m["step"] for m in map(json.loads, open(path)) if "loss" in m)
+    assert saved == [logged], (saved, logged)
+    return err

@@ -45,7 +45,7 @@ def _t(x):
 
 def hf_key_map(c: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
     """Our parameter path -> (HF tensor name, HF->ours, ours->HF)."""
-    D, H, K, E, F = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    D, H, K, E = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     ident = lambda x: x  # noqa: E731
     m = {("embed",): ("model.embed_tokens.weight", ident, ident),
          ("final_norm", "weight"): ("model.norm.weight", ident, ident)}

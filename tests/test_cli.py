@@ -189,3 +189,18 @@ def test_reward_weights_default_to_one_each_and_signatures_are_checked(tmp_path)
             get_reward_function("myrewards_sig:nope")
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_damaged_init_from_is_named_before_the_data_is_built(tmp_path):
+    import shutil
+
+    from align_jax.models.checkpoint import CheckpointError
+
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    c = load_config("dpo", **{"model.init_from": str(model), "data.data_dir": ""})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: header says \d+ bytes, file has \d+"):
+        train(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "tfds")  # refused before any data was built

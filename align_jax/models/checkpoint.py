@@ -139,6 +139,14 @@ def _tensor_files(path: str) -> dict[str, str]:
         return {k: single for k in f.keys()}
 
 
+def check_checkpoint(path: str) -> None:
+    """Cheap checks of a Hugging Face model directory before anything else is built: its config.json is one the
+    decoder runs exactly, and every safetensors file is present and whole (headers only; nothing is loaded).
+    CheckpointError / ConfigError naming the file."""
+    load_hf_config(path)
+    _tensor_files(path)
+
+
 def _to_dtype(x: np.ndarray, dtype) -> np.ndarray:
     return x if x.dtype == np.dtype(dtype) else x.astype(np.dtype(dtype))
 

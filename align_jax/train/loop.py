@@ -144,6 +144,7 @@ def train(config, workdir: str) -> dict:
     algorithm = get_algorithm(config.algorithm)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, key="config.mesh")
     setup.check_batch_divisibility(config, mesh)
+    setup.check_model_dirs(config)
     tokenizer = setup.load_tokenizer(config)
     data = setup.make_data(config, workdir, tokenizer, algorithm)
     config = setup.resolve_config(config, data)

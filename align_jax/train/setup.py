@@ -39,6 +39,20 @@ def check_batch_divisibility(config, mesh) -> None:
                          f"the per-replica batch {per_replica} (config.batch_size / {replicas})")
 
 
+def check_model_dirs(config) -> None:
+    """A pretrained `model.init_from` directory is checked (config.json, every safetensors file whole) before the
+    data is built, so a damaged checkpoint is named in seconds, not after tokenizing a dataset."""
+    from align_jax.models.checkpoint import check_checkpoint
+
+    init = config.model.init_from
+    if init != "toy" and not init.startswith("random:"):
+        if not os.path.isdir(init):
+            raise SetupError(f"config.model.init_from={init!r}: no such directory (expected a Hugging Face model "
+                             f"directory with config.json, *.safetensors and the tokenizer files; or 'toy' / "
+                             f"'random:<config.json>')")
+        check_checkpoint(init)
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 

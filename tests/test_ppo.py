@@ -248,7 +248,7 @@ def test_value_model_initialisation():
 
 def test_resume_after_kill9_is_bit_identical(straight_run, tmp_path):
     killed = str(tmp_path / "killed")
-    train_and_kill("from test_ppo import load_config", "load_config(debug_kill_at_step=2)", killed)
+    train_and_kill("from test_ppo import load_config", "load_config()", killed)
     train(load_config(), killed)  # resumes at step 2: same prompts, same samples (sampler RNG), same updates
     a, b = metrics(straight_run), metrics(killed)
     for step in (3, 4):

@@ -37,7 +37,7 @@ def test_resume_after_kill9_is_bit_identical(tmp_path):
     straight = str(tmp_path / "straight")
     train(_cfg_dpo(tmp_path), straight)
     killed = str(tmp_path / "killed")
-    train_and_kill("from test_train import _cfg_dpo", "_cfg_dpo(None, debug_kill_at_step=2)", killed)
+    train_and_kill("from test_train import _cfg_dpo", "_cfg_dpo(None)", killed)
     train(_cfg_dpo(tmp_path), killed)  # resumes from step 2
     a, b = train_metrics(straight), train_metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]

@@ -32,13 +32,21 @@ def load_config(name: str, arg: str = "tiny", **overrides):
 
 
 def train_and_kill(import_line: str, config_call: str, workdir: str, step: int = 2) -> None:
-    """Runs `train(<config_call>, workdir)` in a fresh process whose config has `debug_kill_at_step=step`, so it
-    SIGKILLs itself right after the checkpoint of `step` is on disk; checks that it died that way there."""
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+    """Runs `train(<config_call>, workdir)` in a fresh process that SIGKILLs itself right after the checkpoint of
+    `step` is on disk (the test wraps `Checkpointer.save` in that process: no hook in the production loop); checks
+    that it died that way there."""
+    code = ("import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
             "import conftest\n"
             "%s\n"
-            "from align_jax.train import train\n"
-            "train(%s, %r)\n") % (ROOT, os.path.join(ROOT, "tests"), import_line, config_call, workdir)
+            "from align_jax.train import checkpointing, train\n"
+            "save = checkpointing.Checkpointer.save\n"
+            "def save_then_die(self, step, *args, **kw):\n"
+            "    save(self, step, *args, **kw)\n"
+            "    if step == %d:\n"
+            "        self.wait()\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "checkpointing.Checkpointer.save = save_then_die\n"
+            "train(%s, %r)\n") % (ROOT, os.path.join(ROOT, "tests"), import_line, step, config_call, workdir)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]

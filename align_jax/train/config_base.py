@@ -89,7 +89,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_generation = 0  # toy task only: held-out prompts answered greedily and scored per axis at each eval
     c.progress_bar = True
     c.export = True  # write the final policy as a Hugging Face directory to <workdir>/export
-    c.debug_kill_at_step = 0  # tests only: SIGKILL the process right after the checkpoint of this step
     return c
 
 

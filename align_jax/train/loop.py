@@ -314,9 +314,6 @@ def train(config, workdir: str) -> dict:
                     flush(pending)
                     pending = None
                 ckpt.save(step, state, train_iter)
-                if config.debug_kill_at_step and step == config.debug_kill_at_step:
-                    ckpt.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
             if stop["sigterm"]:
                 log.warning("%s: checkpoint saved at step %d in %s; run the same command again to resume",
                             stop["signal"], step, ckpt_dir)

@@ -159,7 +159,7 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     from align_jax.models import load_pretrained
     from align_jax.parallel import make_mesh
     from align_jax.train.algorithms import get_algorithm
-    from align_jax.train.loop import _batch_shardings, _host_batch, _to_device
+    from align_jax.train.loop import batch_specs, host_batch, to_device
     from align_jax.train.optim import make_optimizer
     from align_jax.train.step import jit_train_step
 
@@ -187,7 +187,7 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         return out
 
     def collate(rs):
-        return _host_batch(collate_pairwise(examples(rs), batch_size=batch_size, buckets=buckets, pad_id=PAD_ID))
+        return host_batch(collate_pairwise(examples(rs), batch_size=batch_size, buckets=buckets, pad_id=PAD_ID))
 
     timed = batches_rows[warmup:warmup + steps]
     timed_shapes = sorted({collate(b)["chosen_input_ids"].shape[1] for b in timed})
@@ -212,14 +212,14 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         else NamedSharding(mesh, P()), state))
     first = collate(batches_rows[0])
     step_fn = jit_train_step(state_shardings=jax.tree.map(lambda x: x.sharding, state),
-                             batch_shardings=_batch_shardings(first, mesh),
+                             batch_shardings=batch_specs(first, mesh),
                              ref_shardings=jax.tree.map(lambda x: x.sharding, ref_params),
                              metric_sharding=NamedSharding(mesh, P()), tx=tx, schedule=schedule, accum=1,
                              graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef, ref_rest=ref_rest,
                              algorithm=algorithm, cfg=cfg)
 
     def one_step(state, rs):
-        state, metrics = step_fn(state, _to_device(collate(rs), mesh), ref_params)
+        state, metrics = step_fn(state, to_device(collate(rs), mesh), ref_params)
         jax.block_until_ready(metrics)
         return state, metrics
 
@@ -229,7 +229,7 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         host = collate(rs)
         L = host["chosen_input_ids"].shape[1]
         if L not in flops_by_len:
-            cost = step_fn.lower(state, _to_device(host, mesh), ref_params).compile().cost_analysis()
+            cost = step_fn.lower(state, to_device(host, mesh), ref_params).compile().cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             flops_by_len[L] = float(cost.get("flops", float("nan")))
 

@@ -111,7 +111,7 @@ def test_sequence_logps_match_trl():
     from flax import nnx
 
     from align_jax.models import load_pretrained
-    from align_jax.train.algorithms import _seq, completion_token_logps
+    from align_jax.train.algorithms import seq_logps, completion_token_logps
 
     rows = [r for fmt in FORMATS for r in EXPECTED["data"][fmt]["rows"]]
     seqs = [(r["prompt_ids"], r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
@@ -122,10 +122,10 @@ def test_sequence_logps_match_trl():
         ids[i, :len(p) + len(c)], attn[i, :len(p) + len(c)], comp[i, len(p):len(p) + len(c)] = p + c, 1, 1
 
     @nnx.jit
-    def seq_logps(model, ids, attn, comp):
-        return _seq(*completion_token_logps(model, ids, attn, comp, chunk_size=64))
+    def logps_of(model, ids, attn, comp):
+        return seq_logps(*completion_token_logps(model, ids, attn, comp, chunk_size=64))
 
-    ours = jax.device_get(seq_logps(load_pretrained(MODEL_DIR), jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(comp)))
+    ours = jax.device_get(logps_of(load_pretrained(MODEL_DIR), jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(comp)))
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
 
 

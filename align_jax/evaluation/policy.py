@@ -50,14 +50,14 @@ def generate_completions(model, tokenizer, prompts, *, batch_size: int = 64, max
 
 def _sequence_logps_fn(model, chunk_size: int):
     """A jitted (state, pair batch) -> (chosen, rejected) sequence log-probs for `model`, and its state."""
-    from align_jax.train.algorithms import _pair_token_logps, _seq
+    from align_jax.train.algorithms import pair_token_logps, seq_logps
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def fn(state, batch):
-        (c, cm), (r, rm) = _pair_token_logps(nnx.merge(graphdef, state), batch, chunk_size)
-        return _seq(c, cm), _seq(r, rm)
+        (c, cm), (r, rm) = pair_token_logps(nnx.merge(graphdef, state), batch, chunk_size)
+        return seq_logps(c, cm), seq_logps(r, rm)
 
     return fn, state
 

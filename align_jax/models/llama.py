@@ -23,7 +23,7 @@ from flax import nnx
 
 from align_jax.models.config import ModelConfig, rope_inv_freq
 
-_NEG = float(jnp.finfo(jnp.float32).min)
+NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std: float | None = 0.02, value: float = 0.0):
@@ -136,7 +136,7 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, K, G, c.head_dim)
         scores = jnp.einsum(f"btkge,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (c.head_dim ** -0.5)
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG)
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum(f"bkgts,{kv_spec}->btkge", probs, v).reshape(B, T, c.num_attention_heads, c.head_dim)
         y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt))

@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 _SCALES = ("group", "batch", "none")
 
 
-def _bad(key: str, msg: str):
+def refuse(key: str, msg: str):
     from align_jax.train.validate import ConfigValueError
 
     raise ConfigValueError(f"config.{key}: {msg}")
@@ -87,54 +87,54 @@ def validate_online(config, name: str) -> None:
     """Checks shared by the online algorithms (GRPO, PPO): prompt-only data padded to a fixed prompt bucket,
     reference log-probs computed per rollout, one host."""
     if config.data.kind not in ("", "prompt_only"):
-        _bad("data.kind", f"{name} samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
+        refuse("data.kind", f"{name} samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
     P = config.data.max_prompt_length
     if not P or P < 1:
-        _bad("data.max_prompt_length", f"{name} pads prompts to this fixed length (the prompt bucket): set it > 0")
+        refuse("data.max_prompt_length", f"{name} pads prompts to this fixed length (the prompt bucket): set it > 0")
     if max(config.data.length_buckets) < P:
-        _bad("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
+        refuse("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
     if config.reference.precompute:
-        _bad("reference.precompute", f"not available for {name} (reference log-probs are computed per rollout)")
+        refuse("reference.precompute", f"not available for {name} (reference log-probs are computed per rollout)")
     if jax.process_count() > 1:
-        _bad("mesh", f"{name} runs on one host for now (the sampler and rewards take host-local prompts)")
+        refuse("mesh", f"{name} runs on one host for now (the sampler and rewards take host-local prompts)")
 
 
 def validate_grpo_config(config) -> None:
     """Refuses a GRPO config that cannot work, naming the key (ConfigValueError)."""
     if "grpo" not in config:
-        _bad("grpo", "missing: start from configs/grpo.py")
+        refuse("grpo", "missing: start from configs/grpo.py")
     g = config.grpo
     if not isinstance(g.num_generations, int) or g.num_generations < 2:
-        _bad("grpo.num_generations", f"must be an integer >= 2 (group statistics), got {g.num_generations!r}")
+        refuse("grpo.num_generations", f"must be an integer >= 2 (group statistics), got {g.num_generations!r}")
     if not isinstance(g.num_iterations, int) or g.num_iterations < 1:
-        _bad("grpo.num_iterations", f"must be an integer >= 1, got {g.num_iterations!r}")
+        refuse("grpo.num_iterations", f"must be an integer >= 1, got {g.num_iterations!r}")
     if config.checkpoint.every_steps % g.num_iterations:
-        _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of grpo.num_iterations="
+        refuse("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of grpo.num_iterations="
                                        f"{g.num_iterations}: a checkpoint must fall on a rollout boundary so that "
                                        "a resumed run restarts exactly")
     if not config.get("num_epochs", 0) and config.total_steps % g.num_iterations:
-        _bad("total_steps", f"{config.total_steps} is not a multiple of grpo.num_iterations={g.num_iterations}: a "
+        refuse("total_steps", f"{config.total_steps} is not a multiple of grpo.num_iterations={g.num_iterations}: a "
                             "run must end on a rollout boundary so that extending it later resumes exactly")
     failed = g.get("max_failed_reward_steps", 3)
     if not isinstance(failed, int) or failed < 0:
-        _bad("grpo.max_failed_reward_steps", f"must be an integer >= 0 (0 = never stop), got {failed!r}")
+        refuse("grpo.max_failed_reward_steps", f"must be an integer >= 0 (0 = never stop), got {failed!r}")
     if not isinstance(g.max_completion_length, int) or g.max_completion_length < 1:
-        _bad("grpo.max_completion_length", f"must be a positive integer, got {g.max_completion_length!r}")
+        refuse("grpo.max_completion_length", f"must be a positive integer, got {g.max_completion_length!r}")
     if not g.temperature > 0:
-        _bad("grpo.temperature", f"must be > 0, got {g.temperature!r}")
+        refuse("grpo.temperature", f"must be > 0, got {g.temperature!r}")
     if not 0 < g.top_p <= 1:
-        _bad("grpo.top_p", f"must be in (0, 1], got {g.top_p!r}")
+        refuse("grpo.top_p", f"must be in (0, 1], got {g.top_p!r}")
     if g.scale_rewards not in _SCALES:
-        _bad("grpo.scale_rewards", f"must be one of {_SCALES}, got {g.scale_rewards!r}")
+        refuse("grpo.scale_rewards", f"must be one of {_SCALES}, got {g.scale_rewards!r}")
     validate_online(config, "GRPO")
     beta = config.loss.kwargs.get("beta", 0.0)
     if config.loss.get("reference_free", False) and beta != 0:
-        _bad("loss.reference_free", f"True, but loss.kwargs.beta={beta} needs the reference model")
+        refuse("loss.reference_free", f"True, but loss.kwargs.beta={beta} needs the reference model")
     if "rewards" not in config or not config.rewards.functions:
-        _bad("rewards.functions", "GRPO needs at least one reward function")
+        refuse("rewards.functions", "GRPO needs at least one reward function")
     weights = tuple(config.rewards.get("weights", ()) or ())
     if weights and len(weights) != len(config.rewards.functions):
-        _bad("rewards.weights", f"{len(weights)} weights for {len(config.rewards.functions)} reward functions")
+        refuse("rewards.weights", f"{len(weights)} weights for {len(config.rewards.functions)} reward functions")
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
@@ -257,7 +257,7 @@ def _nanmean(x):
 # ---------------------------------------------------------------------------------------------- rollout
 
 
-def _fixed_prompt_bucket(ids_BxL, mask_BxL, P: int, pad_id: int):
+def fixed_prompt_bucket(ids_BxL, mask_BxL, P: int, pad_id: int):
     """Left-padded prompts [B, L] -> [B, P] (left-pad more, or drop leading all-padding columns)."""
     B, L = ids_BxL.shape
     if L > P:
@@ -294,7 +294,7 @@ def training_batch(prompt_ids_BxP, prompt_mask_BxP, completion_ids_RxN, completi
             "num_items": np.full((R,), comp_mask.sum() / grad_accum_steps, np.float32)}
 
 
-class _SampleLog:
+class SampleLog:
     """Sample completions to <workdir>/samples.jsonl (+ TensorBoard text); drops lines of steps >= the first
     step logged by this process (a killed run may have logged past its last checkpoint)."""
 
@@ -339,7 +339,7 @@ def _plain(d) -> dict:
     return d.to_dict() if hasattr(d, "to_dict") else {k: dict(v) for k, v in d.items()}
 
 
-def _text(prompt) -> str:
+def prompt_str(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return " ".join(f"{m['role']}: {m['content']}" for m in prompt)
@@ -368,7 +368,7 @@ class GRPORollout:
         self.graphdef, self.rest = graphdef, rest
         self.ref_graphdef, self.ref_params, self.ref_rest, _ = ref
         self.fwd = dict(num_completion_tokens=self.N, temperature=float(g.temperature), chunk_size=config.chunk_size)
-        self.samples = _SampleLog(workdir)
+        self.samples = SampleLog(workdir)
         self.cache = None  # (block index, batch, metrics)
         self.last = None
         self.max_failed = int(g.get("max_failed_reward_steps", 3))
@@ -395,8 +395,8 @@ class GRPORollout:
         if not self.max_failed or len(self.failed) < self.max_failed:
             return
         step0, f = self.failed[0]
-        first = (f"{f.function} on completion #{f.index} ({f.error}; prompt {_text(f.prompt)!r}, completion "
-                 f"{_text(f.completion)!r})" if f is not None else "none recorded")
+        first = (f"{f.function} on completion #{f.index} ({f.error}; prompt {prompt_str(f.prompt)!r}, completion "
+                 f"{prompt_str(f.completion)!r})" if f is not None else "none recorded")
         raise rewards_lib.RewardFailureError(
             f"reward functions {', '.join(scored.names)} failed for every completion in {len(self.failed)} "
             f"consecutive rollouts (for steps {step0 + 1} to {step + 1}); first failure: {first}. Fix the reward "
@@ -404,16 +404,16 @@ class GRPORollout:
             f"config.grpo.max_failed_reward_steps sets how many such rollouts stop the run (0 = never)")
 
     def _forward(self, graphdef, params, rest, ids, attn):
-        from align_jax.train.loop import _to_device
+        from align_jax.train.loop import to_device
 
-        dev = _to_device({"ids": ids, "attn": attn}, self.mesh)
+        dev = to_device({"ids": ids, "attn": attn}, self.mesh)
         out = _logps_jit(graphdef, params, rest, dev["ids"], dev["attn"], **self.fwd)
         return np.asarray(jax.device_get(out), np.float32)
 
     def _rollout(self, params, prompts: dict, step: int):
         t0 = time.perf_counter()
         g, G, N = self.config.grpo, self.G, self.N
-        ids_BxP, mask_BxP = _fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
+        ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
         B = ids_BxP.shape[0]
         model = nnx.merge(self.graphdef, params, self.rest)
@@ -470,7 +470,7 @@ class GRPORollout:
                      "failures": scored.failures, "batch": batch}
         every = max(int(g.get("log_completions_every", 0) or 0), 0)
         if every and (step + self.mu - 1) // every > (step - 1) // every:
-            rows = [{"prompt": _text(prompt_text[i]), "completion": texts[i], "reward": float(scored.total[i]),
+            rows = [{"prompt": prompt_str(prompt_text[i]), "completion": texts[i], "reward": float(scored.total[i]),
                      "advantage": float(adv[i]),
                      "rewards": {n: float(scored.per_function[i, k]) for k, n in enumerate(scored.names)}}
                     for i in range(min(R, int(g.get("num_completions_to_log", 8))))]
@@ -509,7 +509,7 @@ def offline_advantages(batch, how: str = "ranks", scale_rewards: str = "group"):
         B, K = batch["scores"].shape
         r = jnp.where(batch["group_mask"] > 0, batch["scores"].astype(jnp.float32), jnp.nan)
         return nan_group_advantages(r, K, scale_rewards).reshape(B, K)
-    _bad("grpo.offline_advantages", f"must be 'ranks' or 'scores', got {how!r}")
+    refuse("grpo.offline_advantages", f"must be 'ranks' or 'scores', got {how!r}")
 
 
 def grpo_offline_loss(model, batch, ref_model, cfg):

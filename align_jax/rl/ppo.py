@@ -74,7 +74,7 @@ from align_jax.losses.common import clamped_exp, masked_count, masked_mean, mask
 from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.models.llama import Transformer
 from align_jax.ops import token_logps
-from align_jax.rl.grpo import _bad, validate_online
+from align_jax.rl.grpo import refuse, validate_online
 from align_jax.train.algorithms import ALGORITHMS, Algorithm
 
 log = logging.getLogger(__name__)
@@ -85,37 +85,37 @@ VALUE_MODELS = ("reward_model", "policy", "shared")  # or a path to a reward-mod
 def validate_ppo_config(config) -> None:
     """Refuses a PPO config that cannot work, naming the key (ConfigValueError)."""
     if "ppo" not in config:
-        _bad("ppo", "missing: start from configs/ppo.py")
+        refuse("ppo", "missing: start from configs/ppo.py")
     p = config.ppo
     for key in ("num_ppo_epochs", "num_mini_batches", "response_length"):
         if not isinstance(p[key], int) or p[key] < 1:
-            _bad(f"ppo.{key}", f"must be a positive integer, got {p[key]!r}")
+            refuse(f"ppo.{key}", f"must be a positive integer, got {p[key]!r}")
     if config.batch_size % p.num_mini_batches:
-        _bad("ppo.num_mini_batches", f"{p.num_mini_batches} does not divide batch_size={config.batch_size} "
+        refuse("ppo.num_mini_batches", f"{p.num_mini_batches} does not divide batch_size={config.batch_size} "
                                      "(the rollout's rows are cut into this many minibatches)")
     K = p.num_ppo_epochs * p.num_mini_batches
     if config.checkpoint.every_steps % K:
-        _bad("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of num_ppo_epochs x "
+        refuse("checkpoint.every_steps", f"{config.checkpoint.every_steps} is not a multiple of num_ppo_epochs x "
                                        f"num_mini_batches = {K}: a checkpoint must fall on a rollout boundary")
     if not config.get("num_epochs", 0) and config.total_steps % K:
-        _bad("total_steps", f"{config.total_steps} is not a multiple of num_ppo_epochs x num_mini_batches = {K}: a "
+        refuse("total_steps", f"{config.total_steps} is not a multiple of num_ppo_epochs x num_mini_batches = {K}: a "
                             "run must end on a rollout boundary so that extending it later resumes exactly")
     if not p.temperature > 0:
-        _bad("ppo.temperature", f"must be > 0, got {p.temperature!r}")
+        refuse("ppo.temperature", f"must be > 0, got {p.temperature!r}")
     if p.kl_estimator not in ("k1", "k3"):
-        _bad("ppo.kl_estimator", f"must be 'k1' or 'k3', got {p.kl_estimator!r}")
+        refuse("ppo.kl_estimator", f"must be 'k1' or 'k3', got {p.kl_estimator!r}")
     for key in ("cliprange", "cliprange_value", "vf_coef", "kl_coef"):
         if not p[key] >= 0:
-            _bad(f"ppo.{key}", f"must be >= 0, got {p[key]!r}")
+            refuse(f"ppo.{key}", f"must be >= 0, got {p[key]!r}")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
-        _bad("ppo.gamma", f"gamma={p.gamma!r} and lam={p.lam!r} must be in [0, 1]")
+        refuse("ppo.gamma", f"gamma={p.gamma!r} and lam={p.lam!r} must be in [0, 1]")
     if not p.reward_model or not os.path.isdir(p.reward_model):
-        _bad("ppo.reward_model", f"{p.reward_model!r} is not a directory: give the export of a reward-model run "
+        refuse("ppo.reward_model", f"{p.reward_model!r} is not a directory: give the export of a reward-model run "
                                  "(<workdir>/export of configs/reward_model.py)")
     if p.value_model not in VALUE_MODELS and not os.path.isdir(p.value_model):
-        _bad("ppo.value_model", f"{p.value_model!r}: one of {VALUE_MODELS} or a reward-model export directory")
+        refuse("ppo.value_model", f"{p.value_model!r}: one of {VALUE_MODELS} or a reward-model export directory")
     if config.loss.get("reference_free", False):
-        _bad("loss.reference_free", "PPO's KL penalty needs the reference model")
+        refuse("loss.reference_free", "PPO's KL penalty needs the reference model")
     validate_online(config, "PPO")
 
 
@@ -265,7 +265,7 @@ class PPORollout:
     """`rollout(params, next_batch, step) -> (minibatch, metrics)` for the training loop (module docstring)."""
 
     def __init__(self, *, config, graphdef, rest, ref, tokenizer, mesh, workdir):
-        from align_jax.rl.grpo import _SampleLog
+        from align_jax.rl.grpo import SampleLog
         from align_jax.rl.reward_model import load_reward_model
         from align_jax.sampling import Sampler
 
@@ -276,7 +276,7 @@ class PPORollout:
         self.M = config.batch_size // p.num_mini_batches  # rows per minibatch (= per train step)
         replicas = mesh.shape["data"] * mesh.shape["fsdp"]
         if self.M % replicas or (self.M // replicas) % config.optimizer.grad_accum_steps:
-            _bad("ppo.num_mini_batches", f"a minibatch of batch_size / num_mini_batches = {self.M} rows must split "
+            refuse("ppo.num_mini_batches", f"a minibatch of batch_size / num_mini_batches = {self.M} rows must split "
                                          f"over the {replicas} data-parallel replicas and then into "
                                          f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
         self.eos = tokenizer.eos_token_id
@@ -291,7 +291,7 @@ class PPORollout:
                    ("eos_id", int(self.eos)), ("kl_coef", float(p.kl_coef)), ("kl_estimator", p.kl_estimator),
                    ("gamma", float(p.gamma)), ("lam", float(p.lam)), ("whiten_rewards", bool(p.whiten_rewards)),
                    ("missing_eos_penalty", None if p.missing_eos_penalty is None else float(p.missing_eos_penalty)))
-        self.samples = _SampleLog(workdir)
+        self.samples = SampleLog(workdir)
         self.cache = None  # (block, full rollout batch, metrics)
         self.last = None
         self.t_start = None  # (time, episodes) at this process's first rollout, for `eps`
@@ -308,11 +308,11 @@ class PPORollout:
         return {k: v[rows] for k, v in full.items()}, metrics
 
     def _rollout(self, params, prompts: dict, step: int):
-        from align_jax.rl.grpo import _fixed_prompt_bucket, _text
-        from align_jax.train.loop import _to_device
+        from align_jax.rl.grpo import fixed_prompt_bucket, prompt_str
+        from align_jax.train.loop import to_device
 
         t0 = time.perf_counter()
-        ids_BxP, mask_BxP = _fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
+        ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
         model = nnx.merge(self.graphdef, params, self.rest)
         out = self.sampler(model.policy, ids_BxP, mask_BxP,
@@ -321,7 +321,7 @@ class PPORollout:
         comp_mask = np.asarray(jax.device_get(out.completion_mask), np.int32)
         ids = np.concatenate([ids_BxP, comp_ids], 1)
         attn = np.concatenate([mask_BxP, comp_mask], 1)
-        dev = _to_device({"ids": ids, "attn": attn, "cids": comp_ids, "cmask": comp_mask}, self.mesh)
+        dev = to_device({"ids": ids, "attn": attn, "cids": comp_ids, "cmask": comp_mask}, self.mesh)
         t = jax.device_get(rollout_tensors(
             params, self.rest, self.ref_params, self.ref_rest, self.rm_params, self.rm_rest, dev["ids"],
             dev["attn"], dev["cids"], dev["cmask"], pv_graphdef=self.graphdef, ref_graphdef=self.ref_graphdef,
@@ -355,7 +355,7 @@ class PPORollout:
                      "scores": t["scores"], "batch": batch, "tensors": t}
         every = max(int(self.config.ppo.get("log_completions_every", 0) or 0), 0)
         if every and (step + self.K - 1) // every > (step - 1) // every:
-            rows = [{"prompt": _text(prompts["prompt_text"][i]), "completion": texts[i],
+            rows = [{"prompt": prompt_str(prompts["prompt_text"][i]), "completion": texts[i],
                      "reward": float(t["scores"][i]), "advantage": float(t["advantages"][i][:max(lengths[i], 1)].mean())}
                     for i in range(min(B, int(self.config.ppo.get("num_completions_to_log", 8))))]
             self.samples.write(step + 1, rows)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from align_jax.models.llama import KVCache, Transformer, _NEG, apply_rope, cached_attention_mask_BxTxS, rope_cos_sin
+from align_jax.models.llama import KVCache, Transformer, NEG_INF, apply_rope, cached_attention_mask_BxTxS, rope_cos_sin
 
 
 def decode_weights(model: Transformer) -> dict:
@@ -104,7 +104,7 @@ def _attention(block, w, x_RxD, cos, sin, mask_RxS, kT_cache, v_cache, end):
     qg = q.reshape(R, K, H // K, E, 1).astype(f32)
     scores = jnp.sum(qg * kT_cache[:, :, None].astype(f32), axis=-2)  # [R, K, G, S]
     scores = scores * (E ** -0.5)
-    scores = jnp.where(mask_RxS[:, None, None], scores, _NEG)
+    scores = jnp.where(mask_RxS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.sum((probs[..., None] * v_cache[:, :, None].astype(dt)).astype(f32), axis=-2)  # [R, K, G, E]
     out = out.astype(dt).reshape(R, H * E)

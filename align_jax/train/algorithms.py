@@ -34,7 +34,7 @@ def completion_token_logps(model, input_ids_BxT, attention_mask_BxT, completion_
     return logps, mask
 
 
-def _pair_token_logps(model, batch, chunk_size):
+def pair_token_logps(model, batch, chunk_size):
     """Chosen and rejected in one concatenated forward: returns (chosen, rejected) x (logps, mask) [B, T-1]."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -44,7 +44,7 @@ def _pair_token_logps(model, batch, chunk_size):
     return (logps[:B], mask[:B]), (logps[B:], mask[B:])
 
 
-def _seq(logps, mask):
+def seq_logps(logps, mask):
     return jnp.sum(logps * mask, axis=-1)
 
 
@@ -65,22 +65,22 @@ def sft_eval(model, batch, ref_model, cfg):
                                          batch["completion_mask"], chunk_size=cfg.chunk_size,
                                          positions_BxT=batch.get("positions"),
                                          segment_ids_BxT=batch.get("segment_ids"))
-    return {"nll_sum": -_seq(logps, mask), "num_tokens": mask.sum(-1)}
+    return {"nll_sum": -seq_logps(logps, mask), "num_tokens": mask.sum(-1)}
 
 
 # ------------------------------------------------------------------------------------------------ DPO
 
 
 def _dpo_inputs(model, batch, ref_model, cfg):
-    (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(model, batch, cfg.chunk_size)
+    (c_lp, c_m), (r_lp, r_m) = pair_token_logps(model, batch, cfg.chunk_size)
     if "ref_chosen_logps" in batch:  # precomputed reference log-probs
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     elif ref_model is None:  # reference-free
         ref_c = ref_r = jnp.zeros(c_lp.shape[0], jnp.float32)
     else:
-        (rc_lp, _), (rr_lp, _) = _pair_token_logps(ref_model, batch, cfg.chunk_size)
-        ref_c, ref_r = jax.lax.stop_gradient(_seq(rc_lp, c_m)), jax.lax.stop_gradient(_seq(rr_lp, r_m))
-    c, r = _seq(c_lp, c_m), _seq(r_lp, r_m)
+        (rc_lp, _), (rr_lp, _) = pair_token_logps(ref_model, batch, cfg.chunk_size)
+        ref_c, ref_r = jax.lax.stop_gradient(seq_logps(rc_lp, c_m)), jax.lax.stop_gradient(seq_logps(rr_lp, r_m))
+    c, r = seq_logps(c_lp, c_m), seq_logps(r_lp, r_m)
     if "policy_is_reference" in batch and (ref_model is not None or "ref_chosen_logps" in batch):
         # Before the first update the policy's weights are the reference's (setup.build_reference copies them):
         # the log-ratios are exactly 0, as in TRL. (XLA compiles the policy forward inside the gradient
@@ -126,7 +126,7 @@ def dpo_eval(model, batch, ref_model, cfg):
 
 
 def orpo_loss(model, batch, ref_model, cfg):
-    (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(model, batch, cfg.chunk_size)
+    (c_lp, c_m), (r_lp, r_m) = pair_token_logps(model, batch, cfg.chunk_size)
     kw = dict(cfg.loss.kwargs)
     if cfg.loss.get("use_soft_labels", True):
         kw["label_probs"] = batch["label_probs"]
@@ -135,9 +135,9 @@ def orpo_loss(model, batch, ref_model, cfg):
 
 def orpo_eval(model, batch, ref_model, cfg):
     """Per-pair eval quantities; `loss` is the configured ORPO loss of each pair on its own."""
-    (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(model, batch, cfg.chunk_size)
+    (c_lp, c_m), (r_lp, r_m) = pair_token_logps(model, batch, cfg.chunk_size)
     beta = cfg.loss.kwargs.get("beta", 0.1)
-    c, r = _seq(c_lp, c_m) / jnp.maximum(c_m.sum(-1), 1), _seq(r_lp, r_m) / jnp.maximum(r_m.sum(-1), 1)
+    c, r = seq_logps(c_lp, c_m) / jnp.maximum(c_m.sum(-1), 1), seq_logps(r_lp, r_m) / jnp.maximum(r_m.sum(-1), 1)
     fn, kw, soft = losses.get_loss(cfg.loss.name), dict(cfg.loss.kwargs), cfg.loss.get("use_soft_labels", True)
 
     def one(c_lp, r_lp, c_m, r_m, p):

@@ -48,12 +48,12 @@ class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-def _host_batch(batch: dict) -> dict:
+def host_batch(batch: dict) -> dict:
     """The numeric arrays of a loader batch (host-side text columns stay on the host)."""
     return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
 
 
-def _to_device(batch: dict, mesh) -> dict:
+def to_device(batch: dict, mesh) -> dict:
     """Each process's rows -> one global array per key, split over the batch mesh axes."""
     out = {}
     for k, v in batch.items():
@@ -62,7 +62,7 @@ def _to_device(batch: dict, mesh) -> dict:
     return out
 
 
-def _batch_shardings(batch: dict, mesh):
+def batch_specs(batch: dict, mesh):
     return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
 
 
@@ -72,8 +72,8 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0)
     for i, batch in enumerate(iter(loader_fn())):
         if max_batches and i >= max_batches:
             break
-        host = _host_batch(batch)
-        out = jax.device_get(eval_fn(params, _to_device(host, mesh), ref_params))
+        host = host_batch(batch)
+        out = jax.device_get(eval_fn(params, to_device(host, mesh), ref_params))
         w = host["example_weight"]
         total += float(w.sum())
         for k, v in out.items():
@@ -220,9 +220,9 @@ def train(config, workdir: str) -> dict:
         if data.eval is None:
             return {}
         if eval_fn is None:
-            first = _host_batch(next(iter(data.eval())))
+            first = host_batch(next(iter(data.eval())))
             eval_fn = jit_eval_step(params_shardings=state_shardings["params"],
-                                    batch_shardings=_batch_shardings(first, mesh), ref_shardings=eval_ref[3],
+                                    batch_shardings=batch_specs(first, mesh), ref_shardings=eval_ref[3],
                                     out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
                                     ref_rest=eval_ref[2], algorithm=algorithm, cfg=config)
         return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches)
@@ -290,12 +290,12 @@ def train(config, workdir: str) -> dict:
             if rollout is not None:
                 batch, rollout_metrics = rollout(state["params"], lambda: next(train_iter), step)
             else:
-                batch = _host_batch(next(train_iter))
+                batch = host_batch(next(train_iter))
             n_tokens = sum(float(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-            dev_batch = _to_device(batch, mesh)
+            dev_batch = to_device(batch, mesh)
             if step_fn is None:
                 step_fn = jit_train_step(state_shardings=state_shardings,
-                                         batch_shardings=_batch_shardings(batch, mesh), ref_shardings=ref_shardings,
+                                         batch_shardings=batch_specs(batch, mesh), ref_shardings=ref_shardings,
                                          metric_sharding=replicated, tx=tx, schedule=schedule,
                                          accum=config.optimizer.grad_accum_steps, **common)
             state, metrics = step_fn(state, dev_batch, ref_params)

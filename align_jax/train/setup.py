@@ -273,8 +273,8 @@ def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data
     `ref_rejected_logps`), so no reference forward runs during training. The values are those the live
     reference would give (same function, same masks)."""
     from align_jax.data import make_loader
-    from align_jax.train.algorithms import _pair_token_logps, _seq
-    from align_jax.train.loop import _host_batch, _to_device
+    from align_jax.train.algorithms import pair_token_logps, seq_logps
+    from align_jax.train.loop import host_batch, to_device
 
     n = len(data.train_source)
     table = np.full((n, 2), np.nan, np.float32)
@@ -283,15 +283,15 @@ def precompute_reference(config, data: Data, ref_model, mesh, tokenizer) -> Data
     @jax.jit
     def ref_logps(params, batch):
         m = nnx.merge(graphdef, params, rest)
-        (c_lp, c_m), (r_lp, r_m) = _pair_token_logps(m, batch, config.chunk_size)
-        return _seq(c_lp, c_m), _seq(r_lp, r_m)
+        (c_lp, c_m), (r_lp, r_m) = pair_token_logps(m, batch, config.chunk_size)
+        return seq_logps(c_lp, c_m), seq_logps(r_lp, r_m)
 
     ds, _ = make_loader(data.train_source, tokenizer, batch_size=config.eval_batch_size // jax.process_count(),
                         seed=0, shuffle=False, num_epochs=1, drop_remainder=False, shard_by_process=False,
                         **data.loader_kw)
     for batch in ds:
-        host = _host_batch(batch)
-        c, r = jax.device_get(ref_logps(params, _to_device(host, mesh)))
+        host = host_batch(batch)
+        c, r = jax.device_get(ref_logps(params, to_device(host, mesh)))
         idx = host["record_index"]
         ok = idx >= 0
         table[idx[ok], 0], table[idx[ok], 1] = np.asarray(c)[ok], np.asarray(r)[ok]

@@ -133,10 +133,8 @@ def test_score_token_ids_left_padding_equals_right_padding(exported):
     assert RM._score_jit._cache_size() == n
 
 
-def test_load_reward_model_round_trip_and_mesh(exported):
-    model, path = exported
-    ids, mask = pipeline_rows(TEXT[:4])
-    want = ref_scores(model, ids, mask)
+def check_loads(model, path, ids, mask, want):
+    """`load_reward_model(path)` has `model`'s head and scores `want`, unsharded and on a data x FSDP mesh."""
     loaded = RM.load_reward_model(path)
     np.testing.assert_array_equal(np.asarray(loaded.score[...]), np.asarray(model.score[...]))
     np.testing.assert_allclose(np.asarray(RM.score_token_ids(loaded, ids, mask)), want, atol=1e-5, rtol=0)
@@ -145,6 +143,12 @@ def test_load_reward_model_round_trip_and_mesh(exported):
     assert sharded.score[...].sharding.spec == jax.sharding.PartitionSpec("fsdp")
     assert sharded.backbone.embed[...].sharding.mesh == mesh
     np.testing.assert_allclose(np.asarray(RM.score_token_ids(sharded, ids, mask)), want, atol=1e-5, rtol=0)
+
+
+def test_load_reward_model_round_trip_and_mesh(exported):
+    model, path = exported
+    ids, mask = pipeline_rows(TEXT[:4])
+    check_loads(model, path, ids, mask, ref_scores(model, ids, mask))
 
 
 def test_reward_function_matches_pipeline_tokenization(exported):
@@ -239,13 +243,7 @@ def test_save_reward_model_is_a_sequence_classifier_and_round_trips(tmp_path, ca
     global _GRAPHDEF
     _GRAPHDEF = graphdef
     want = ref_scores(model, ids, mask)
-    loaded = RM.load_reward_model(path)
-    np.testing.assert_array_equal(np.asarray(loaded.score[...]), np.asarray(model.score[...]))
-    np.testing.assert_allclose(np.asarray(RM.score_token_ids(loaded, ids, mask)), want, atol=1e-5, rtol=0)
-    mesh = make_mesh(data=2, fsdp=4)
-    sharded = RM.load_reward_model(path, mesh=mesh)
-    assert sharded.score[...].sharding.spec == jax.sharding.PartitionSpec("fsdp")
-    np.testing.assert_allclose(np.asarray(RM.score_token_ids(sharded, ids, mask)), want, atol=1e-5, rtol=0)
+    check_loads(model, path, ids, mask, want)
     # The old form (causal-LM backbone + score_head.npy) still loads, to the same scores.
     old = str(tmp_path / "old")
     save_pretrained(model.backbone, old)

@@ -42,13 +42,9 @@ AXES = [("gold_reward", "gold reward", True), ("correctness", "correctness", Tru
 def _config(name: str, wd: str | None = None):
     """configs/<name>.py's default config; with `wd`, reading the toy task's files from <wd>/toy_data and
     building its TFDS datasets in <wd>/tfds (shared by every stage of an experiment)."""
-    import importlib.util
+    from align_jax.cli import load_config_file
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", f"{name}.py"))
     c.seed = FLAGS.seed
     if wd is not None:
         c.data.toy_dir, c.data.data_dir = os.path.join(wd, "toy_data"), os.path.join(wd, "tfds")

@@ -1,7 +1,6 @@
 """Shared test helpers: configs on the shared toy data, and the kill -9 / resume checks (test_train, test_grpo,
 test_ppo)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,10 +15,9 @@ SHARED = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_data")
 def load_config(name: str, arg: str = "tiny", **overrides):
     """configs/<name>.py's `get_config(arg)` reading the shared toy data; `overrides` maps dotted keys
     ("optimizer.learning_rate") to values."""
-    spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
+    from align_jax.cli import load_config_file
+
+    c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
     c.data.toy_dir = os.path.join(SHARED, "toy")
     c.data.data_dir = os.path.join(SHARED, "tfds")
     for key, value in overrides.items():

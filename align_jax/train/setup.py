@@ -46,11 +46,14 @@ def check_model_dirs(config) -> None:
 
     init = config.model.init_from
     if init != "toy" and not init.startswith("random:"):
-        if not os.path.isdir(init):
-            raise SetupError(f"config.model.init_from={init!r}: no such directory (expected a Hugging Face model "
-                             f"directory with config.json, *.safetensors and the tokenizer files; or 'toy' / "
-                             f"'random:<config.json>')")
+        _require_model_dir("model.init_from", init)
         check_checkpoint(init)
+
+
+def _require_model_dir(key: str, path: str) -> None:
+    if not os.path.isdir(path):
+        raise SetupError(f"config.{key}={path!r}: no such directory (expected a Hugging Face model directory with "
+                         f"config.json, *.safetensors and the tokenizer files; or 'toy' / 'random:<config.json>')")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -66,9 +69,7 @@ def load_tokenizer(config):
         init = config.model.init_from
         path = str(TOKENIZER_DIR) if init == "toy" or init.startswith("random:") else init
         key = "model.init_from"
-    if not os.path.isdir(path):
-        raise SetupError(f"config.{key}={path!r}: no such directory (expected a Hugging Face model directory with "
-                         f"config.json, *.safetensors and the tokenizer files; or 'toy' / 'random:<config.json>')")
+    _require_model_dir(key, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -176,10 +176,12 @@ def describe(config, config_arg: str) -> str:
         c = comments.get(k, "")
         lines.append(f"{text:<{width}}  # {c}" if c else text)
     if "loss" in config:
+        from align_jax.algorithms import ALGORITHMS
         from align_jax.train.validate import loss_options
 
         try:
-            opts = loss_options(config.loss.name)
+            algo = ALGORITHMS.get(config.get("algorithm", ""))
+            opts = loss_options(config.loss.name, algo.filled_loss_args if algo else ())
             lines.append(f"# loss.kwargs options of {config.loss.name}: "
                          + (", ".join(f"{k}={v!r}" for k, v in opts.items()) or "none"))
         except ValueError:

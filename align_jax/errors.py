@@ -11,3 +11,16 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error whose cause and fix are the user's (input files, config values, paths, disk space)."""
+
+
+class ConfigValueError(UserError, ValueError):
+    """A config value that cannot work; the message names the key (`config.<key>: ...`)."""
+
+
+class SetupError(UserError, ValueError):
+    """A config value that cannot work with the machine or the files it names (mesh, paths); names the key."""
+
+
+def refuse(key: str, msg: str):
+    """Raises ConfigValueError("config.<key>: <msg>")."""
+    raise ConfigValueError(f"config.{key}: {msg}")

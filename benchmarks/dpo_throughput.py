@@ -158,8 +158,8 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     from align_jax.data.pipeline import collate_pairwise
     from align_jax.models import load_pretrained
     from align_jax.parallel import make_mesh
-    from align_jax.train.algorithms import get_algorithm
-    from align_jax.train.loop import batch_specs, host_batch, to_device
+    from align_jax.algorithms import get_algorithm
+    from align_jax.parallel import batch_specs, host_batch, to_device
     from align_jax.train.optim import make_optimizer
     from align_jax.train.step import jit_train_step
 

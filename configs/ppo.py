@@ -7,7 +7,7 @@ frozen reference (the initial policy) and a frozen reward model that scores each
     --config.ppo.value_model=shared   --config.ppo.kl_coef=0.1   --config.ppo.missing_eos_penalty=1.0
 
 Batch = `batch_size` prompts per rollout, one completion each; a rollout feeds num_ppo_epochs x num_mini_batches
-optimizer steps (`total_steps` counts optimizer steps). See align_jax/rl/ppo.py for the algorithm.
+optimizer steps (`total_steps` counts optimizer steps). See align_jax/algorithms/ppo.py for the algorithm.
 """
 
 import ml_collections

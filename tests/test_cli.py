@@ -11,7 +11,7 @@ import pytest
 
 from util import ROOT, load_config
 from align_jax.train import train
-from align_jax.train.setup import SetupError
+from align_jax.errors import SetupError
 from align_jax.train.validate import ConfigValueError, validate_config
 
 
@@ -112,7 +112,7 @@ def test_dpo_eval_loss_is_the_configured_loss():
     from align_jax.data.toy import TOKENIZER_DIR, generate, toy_model_config
     from align_jax.models import from_hf_config
     from align_jax.models.llama import Transformer
-    from align_jax.train.algorithms import dpo_eval
+    from align_jax.algorithms.dpo import dpo_eval
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     records = [json.loads(line) for line in open(generate(os.path.join(os.environ.get("TMPDIR", "/tmp"),
@@ -149,7 +149,7 @@ def test_chat_template_missing_is_named_and_chatml_can_be_set(tmp_path):
     from align_jax.data.formats import DataError
     from align_jax.data.toy import TOKENIZER_DIR
     from align_jax.data.tokenize import tokenize_chat
-    from align_jax.train.setup import load_tokenizer
+    from align_jax.train.tokenizer import load_tokenizer
 
     tok_dir = tmp_path / "tok"
     shutil.copytree(TOKENIZER_DIR, tok_dir)

@@ -13,10 +13,10 @@ import pytest
 from util import final_params, load_config as _load_config, train_and_kill
 from align_jax.losses import grpo_advantages, rank_advantages
 from align_jax.rl import rewards as R
-from align_jax.rl.grpo import (group_advantages, nan_group_advantages, offline_advantages, training_batch,
-                              validate_grpo_config)
+from align_jax import algorithms
+from align_jax.algorithms.grpo import group_advantages, nan_group_advantages, offline_advantages, validate_grpo_config
+from align_jax.rl.rollout import training_batch
 from align_jax.train import train
-from align_jax.train import algorithms
 from align_jax.train.validate import ConfigValueError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from util import SHARED, final_params, load_config as _load_config, train_and_kill
-from align_jax.rl.ppo import ppo_advantages
+from align_jax.algorithms.ppo import ppo_advantages
 from align_jax.train import train
 from align_jax.train.validate import ConfigValueError
 
@@ -170,11 +170,11 @@ def _reward_model_dir() -> str:
         from align_jax.data.toy import TOKENIZER_DIR, toy_model_config
         from align_jax.models import from_hf_config
         from align_jax.models.heads import ScalarHeadModel
-        from align_jax.train import setup
+        from align_jax.train.model import export
 
         rm = ScalarHeadModel(from_hf_config(toy_model_config()), rngs=nnx.Rngs(7))
         tmp = path + f".tmp{os.getpid()}"
-        setup.export(None, rm, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)), tmp)
+        export(None, rm, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)), tmp)
         os.makedirs(SHARED, exist_ok=True)
         try:
             os.rename(tmp, path)
@@ -230,7 +230,7 @@ def test_value_model_initialisation():
     from flax import nnx
 
     from align_jax.parallel import make_mesh
-    from align_jax.rl.ppo import build_policy_value_model
+    from align_jax.algorithms.ppo import build_policy_value_model
     from align_jax.rl.reward_model import load_reward_model
 
     mesh = make_mesh(1, -1, 1)

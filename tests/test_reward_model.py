@@ -21,7 +21,7 @@ from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.parallel import make_mesh
 from align_jax.rl import reward_model as RM
 from align_jax.rl.rewards import get_reward_function
-from align_jax.train.setup import export
+from align_jax.train.model import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_CLS = os.path.join(ROOT, "tests", "fixtures", "hf", "llama_seqcls")  # tests/fixtures/make_fixtures.py

@@ -11,7 +11,7 @@ import pytest
 
 from util import final_params, interrupt_and_check, load_config, train_and_kill
 from align_jax.train import NonFiniteLossError, train
-from align_jax.train.setup import SetupError
+from align_jax.errors import SetupError
 from align_jax.train.validate import ConfigValueError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -111,7 +111,7 @@ def test_sequence_logps_match_trl():
     from flax import nnx
 
     from align_jax.models import load_pretrained
-    from align_jax.train.algorithms import seq_logps, completion_token_logps
+    from align_jax.models.logps import completion_token_logps, seq_logps
 
     rows = [r for fmt in FORMATS for r in EXPECTED["data"][fmt]["rows"]]
     seqs = [(r["prompt_ids"], r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from align_jax.models.logps import pair_token_logps, seq_logps
 from align_jax.sampling import Sampler
 
 
@@ -50,8 +51,6 @@ def generate_completions(model, tokenizer, prompts, *, batch_size: int = 64, max
 
 def _sequence_logps_fn(model, chunk_size: int):
     """A jitted (state, pair batch) -> (chosen, rejected) sequence log-probs for `model`, and its state."""
-    from align_jax.train.algorithms import pair_token_logps, seq_logps
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -64,7 +63,7 @@ def _sequence_logps_fn(model, chunk_size: int):
 
 def preference_accuracy(model, loader, *, ref_model=None, chunk_size: int = 8192) -> dict:
     """Held-out preference accuracy over a pairwise eval loader (padding rows excluded)."""
-    seq_logps, state = _sequence_logps_fn(model, chunk_size)
+    pair_logps, state = _sequence_logps_fn(model, chunk_size)
     ref, ref_state = _sequence_logps_fn(ref_model, chunk_size) if ref_model is not None else (None, None)
 
     hits = implicit = total = 0.0
@@ -72,7 +71,7 @@ def preference_accuracy(model, loader, *, ref_model=None, chunk_size: int = 8192
     for batch in loader:
         b = {k: batch[k] for k in keys}
         w = batch["example_weight"]
-        c, r = (np.asarray(x) for x in jax.device_get(seq_logps(state, b)))
+        c, r = (np.asarray(x) for x in jax.device_get(pair_logps(state, b)))
         hits += float(((c > r) * w).sum())
         if ref is not None:
             rc, rr = (np.asarray(x) for x in jax.device_get(ref(ref_state, b)))

@@ -64,7 +64,7 @@ def kl_penalized_rewards(score, token_logps, ref_token_logps, mask, *, kl_coef=0
                                                                       or (e^{ρ} − 1) − ρ, ρ = ref − logπ ("k3")
     The score goes on the last unmasked position of `mask`. TRL adds it one position after the last response
     token (its `sequence_lengths_p1`, the padded slot its value mask keeps): pass TRL's value mask and log-probs
-    set to 0 beyond the response to get exactly that (the PPO trainer, `align_jax.rl.ppo.ppo_advantages`, does).
+    set to 0 beyond the response to get exactly that (the PPO trainer, `align_jax.algorithms.ppo.ppo_advantages`, does).
     A row with an empty mask gets no score. Masked entries are 0. Returns an array [B, T].
     """
     s, logp, ref, m = to_f32(score), to_f32(token_logps), to_f32(ref_token_logps), to_f32(mask)

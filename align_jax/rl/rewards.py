@@ -28,7 +28,7 @@ Combination (TRL 1.x `GRPOTrainer`, multi_objective_aggregation="sum_then_normal
 
 So a completion on which *some* functions failed is scored by the others (a failed function counts as 0 for
 it — TRL's convention, which also lets a function return None where it does not apply), and a completion on
-which *all* failed is excluded from its group's mean/std and gets advantage 0 (`align_jax.rl.grpo`). With a
+which *all* failed is excluded from its group's mean/std and gets advantage 0 (`align_jax.algorithms.grpo`). With a
 single reward function, a failure therefore always excludes the completion from its group's statistics.
 
 A trained reward model as a reward: `"rm:<dir>"` names a reward-model export (the reward-model trainer's

@@ -9,7 +9,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # one of align_jax.train.algorithms.ALGORITHMS: sft | reward_model | dpo | orpo | grpo | grpo_offline | ppo
+    # one of align_jax.algorithms.ALGORITHMS: sft | reward_model | dpo | orpo | grpo | grpo_offline | rloo | ppo
     c.algorithm = "dpo"
     c.seed = 0  # seeds parameter init (random init only), data shuffling and the state RNG
 

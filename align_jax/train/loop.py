@@ -27,15 +27,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from align_jax.algorithms import get_algorithm
 from align_jax.errors import UserError
-from align_jax.parallel import BATCH, make_mesh
-from align_jax.train import checkpointing, setup
-from align_jax.train.algorithms import get_algorithm
+from align_jax.evaluation import generation_eval
+from align_jax.parallel import batch_specs, host_batch, make_mesh, to_device
+from align_jax.train import checkpointing
 from align_jax.train.checkpointing import Checkpointer
+from align_jax.train.data import make_data, resolve_config
 from align_jax.train.metrics_io import MetricsWriter, ProgressBar, ZeroGradWatch, final_metrics
+from align_jax.train.model import build_model, build_reference, check_model_dirs, export, policy_of
 from align_jax.train.optim import make_optimizer
 from align_jax.train.step import all_finite, jit_eval_step, jit_train_step
-from align_jax.train.validate import validate_config
+from align_jax.train.tokenizer import load_tokenizer
+from align_jax.train.validate import check_batch_divisibility, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +52,9 @@ class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-def host_batch(batch: dict) -> dict:
-    """The numeric arrays of a loader batch (host-side text columns stay on the host)."""
-    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
-
-
-def to_device(batch: dict, mesh) -> dict:
-    """Each process's rows -> one global array per key, split over the batch mesh axes."""
-    out = {}
-    for k, v in batch.items():
-        sharding = NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1))))
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
-
-
-def batch_specs(batch: dict, mesh):
-    return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
-
-
-def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0) -> dict:
-    """Weighted means over the eval set of the algorithm's per-example quantities (padding rows weigh 0)."""
+def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0, summarize=None) -> dict:
+    """Weighted means over the eval set of the algorithm's per-example quantities (padding rows weigh 0), or
+    `summarize(sums, total)` of the weighted sums and the total weight (`Algorithm.summarize_eval`)."""
     sums, total = {}, 0.0
     for i, batch in enumerate(iter(loader_fn())):
         if max_batches and i >= max_batches:
@@ -78,10 +65,8 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0)
         total += float(w.sum())
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float((np.asarray(v) * w).sum())
-    if "nll_sum" in sums:  # SFT: token-weighted NLL and perplexity
-        sums = {"nll": sums["nll_sum"] / max(sums["num_tokens"], 1.0)}
-        sums["perplexity"] = float(np.exp(sums["nll"]))
-        return {f"eval/{k}": v for k, v in sums.items()}
+    if summarize is not None:
+        return {f"eval/{k}": v for k, v in summarize(sums, total).items()}
     return {f"eval/{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
@@ -143,17 +128,17 @@ def train(config, workdir: str) -> dict:
     main = jax.process_index() == 0
     algorithm = get_algorithm(config.algorithm)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, key="config.mesh")
-    setup.check_batch_divisibility(config, mesh)
-    setup.check_model_dirs(config)
-    tokenizer = setup.load_tokenizer(config)
-    data = setup.make_data(config, workdir, tokenizer, algorithm)
-    config = setup.resolve_config(config, data)
+    check_batch_divisibility(config, mesh)
+    check_model_dirs(config)
+    tokenizer = load_tokenizer(config)
+    data = make_data(config, workdir, tokenizer, algorithm)
+    config = resolve_config(config, data, algorithm)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     finished = _prepare_workdir(config, workdir, ckpt_dir, data.train_fingerprint)
     if finished is not None:
         return finished
-    model = setup.build_model(config, mesh, algorithm)
-    ref_model = setup.build_reference(config, model, algorithm)
+    model = build_model(config, mesh, algorithm)
+    ref_model = build_reference(config, model, algorithm)
 
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -170,9 +155,9 @@ def train(config, workdir: str) -> dict:
     else:
         ref_graphdef = ref_params = ref_rest = ref_shardings = None
     eval_ref = (ref_graphdef, ref_params, ref_rest, ref_shardings)
-    # precomputed reference log-probs (same numbers as the live reference; see setup.precompute_reference)
-    if ref_model is not None and config.reference.precompute:
-        data = setup.precompute_reference(config, data, ref_model, mesh, tokenizer)
+    # precomputed reference log-probs (the numbers the live reference gives; `Algorithm.precompute_reference`)
+    if ref_model is not None and config.reference.precompute and algorithm.precompute_reference is not None:
+        data = algorithm.precompute_reference(config, data, ref_model, mesh, tokenizer)
         ref_graphdef = ref_params = ref_rest = ref_shardings = None
 
     train_iter = iter(data.train)
@@ -210,9 +195,9 @@ def train(config, workdir: str) -> dict:
 
     def run_eval():
         out = run_pair_eval()
-        if config.eval_generation and not algorithm.scalar_head and config.data.train.startswith("toy:"):
-            out.update(setup.toy_generation_eval(config, nnx.merge(graphdef, state["params"], rest), tokenizer,
-                                                 workdir))
+        if config.eval_generation and not algorithm.scalar_head:
+            policy = policy_of(nnx.merge(graphdef, state["params"], rest))
+            out.update(generation_eval(config, policy, tokenizer, workdir))
         return out
 
     def run_pair_eval():
@@ -225,7 +210,8 @@ def train(config, workdir: str) -> dict:
                                     batch_shardings=batch_specs(first, mesh), ref_shardings=eval_ref[3],
                                     out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
                                     ref_rest=eval_ref[2], algorithm=algorithm, cfg=config)
-        return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches)
+        return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches,
+                        algorithm.summarize_eval)
 
     def log_eval(step, out):
         writer.write(step, out, tensorboard=True)
@@ -328,8 +314,7 @@ def train(config, workdir: str) -> dict:
             ckpt.save(step, state, train_iter, force=True)
             ckpt.wait()
             if config.export:
-                setup.export(config, nnx.merge(graphdef, state["params"], rest), tokenizer,
-                             os.path.join(workdir, "export"))
+                export(config, nnx.merge(graphdef, state["params"], rest), tokenizer, os.path.join(workdir, "export"))
             # the last line: a re-run of this workdir finds it and has nothing to do
             writer.write(step, final_eval, tensorboard=True, final=True)
             if main:

@@ -17,28 +17,9 @@ import sys
 
 from tqdm.auto import tqdm
 
+from align_jax.logfile import read_metrics
+
 log = logging.getLogger(__name__)
-
-
-def read_metrics(path: str) -> list[tuple[dict, str]]:
-    """[(row, raw line)] of a metrics.jsonl; torn or garbled lines are dropped with a warning."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or "step" not in row:
-                    raise ValueError("not a metrics record")
-            except ValueError:
-                log.warning("%s:%d: dropped a torn line (the run was stopped while writing it): %r", path, i,
-                            line[:80])
-                continue
-            rows.append((row, line if line.endswith("\n") else line + "\n"))
-    return rows
 
 
 def final_metrics(path: str, step: int) -> dict | None:

@@ -7,14 +7,12 @@ import math
 
 import jax
 
-from align_jax.errors import UserError
+from align_jax.algorithms import ALGORITHMS
+from align_jax.errors import ConfigValueError, SetupError
 from align_jax.losses import available, get_loss
 from align_jax.parallel import mesh_shape
-from align_jax.train.algorithms import ALGORITHMS
 
-
-class ConfigValueError(UserError, ValueError):
-    pass
+__all__ = ["ConfigValueError", "check_batch_divisibility", "loss_options", "validate_config"]
 
 
 def validate_config(config) -> None:
@@ -29,12 +27,12 @@ def validate_config(config) -> None:
     if config.loss.name.split(":")[0] not in algo.loss_prefixes:
         bad("loss.name", f"{config.loss.name!r} is not a loss of algorithm {config.algorithm!r} "
                          f"(expected one of {algo.loss_prefixes}:*)")
-    if config.loss.name.startswith("dpo") and "loss_type" in config.loss.kwargs:
+    if "loss_type" in config.loss.kwargs:
         bad("loss.kwargs.loss_type", "name the variant in config.loss.name (e.g. 'dpo:ipo') instead")
     for key in ("batch_size", "total_steps", "eval_batch_size", "chunk_size"):
         if not isinstance(config[key], int) or config[key] <= 0:
             bad(key, f"must be a positive integer, got {config[key]!r}")
-    _check_loss_kwargs(config, bad)
+    _check_loss_kwargs(config, algo, bad)
     _check_optimizer(config.optimizer, bad)
     if not _finite(config.get("num_epochs", 0.0)) or config.get("num_epochs", 0.0) < 0:
         bad("num_epochs", f"must be a finite number >= 0 (0 = use total_steps), got {config.num_epochs!r}")
@@ -50,11 +48,16 @@ def validate_config(config) -> None:
     buckets = tuple(config.data.length_buckets)
     if not buckets or max(buckets) < config.data.max_length:
         bad("data.length_buckets", f"the largest bucket must be >= data.max_length={config.data.max_length}")
-    if config.data.packing and config.algorithm != "sft":
-        bad("data.packing", "packing is for SFT only")
+    if config.data.packing and not algo.supports_packing:
+        supported = sorted(a.name for a in ALGORITHMS.values() if a.supports_packing)
+        bad("data.packing", f"algorithm {config.algorithm!r} does not pack rows (packing is for {', '.join(supported)} "
+                            f"only)")
+    if config.reference.precompute and algo.needs_reference and algo.precompute_reference is None \
+            and algo.make_rollout is None:
+        bad("reference.precompute", f"not available for algorithm {config.algorithm!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16")
-    _check_toy_defaults(config, bad)
+    _check_toy_defaults(config, algo, bad)
     if algo.validate is not None:
         algo.validate(config)
     try:
@@ -86,44 +89,25 @@ def _check_optimizer(o, bad) -> None:
         bad("optimizer.eps", f"must be a finite number > 0, got {o.eps!r}")
 
 
-# Loss arguments the algorithms fill in themselves (from the batch), so they are not `loss.kwargs` options.
-_FILLED_BY_ALGORITHM = {"label_probs", "chosen_lengths", "rejected_lengths", "ref_token_logps", "token_entropy",
-                        "max_completion_length", "num_items_in_batch", "nll_mask", "chosen_nll"}
-
-
-def loss_options(name: str) -> dict:
+def loss_options(name: str, filled=()) -> dict:
     """{option: default} that `loss.kwargs` may set for the registered loss `name` (its keyword arguments, minus
-    those bound by the registry and those the algorithm fills in from the batch)."""
+    those bound by the registry and those the algorithm fills in from the batch, `filled`)."""
     fn = get_loss(name)
     bound = set(getattr(fn, "keywords", {}) or {})
     sig = inspect.signature(getattr(fn, "func", fn))
     return {p.name: p.default for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in bound | _FILLED_BY_ALGORITHM}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in bound | set(filled)}
 
 
-# dpo:* loss types where beta divides (1/(2 beta)); in every other dpo:* type beta = 0 makes the loss constant.
-_BETA_DIVIDES = ("dpo:ipo", "dpo:sppo_hard")
-
-
-def _check_loss_kwargs(config, bad) -> None:
-    options = loss_options(config.loss.name)
+def _check_loss_kwargs(config, algo, bad) -> None:
+    options = loss_options(config.loss.name, algo.filled_loss_args)
     for key in config.loss.kwargs:
         if key not in options:
             bad(f"loss.kwargs.{key}", f"is not an option of loss {config.loss.name!r}; its options are "
                                       f"{', '.join(f'{k} (default {v!r})' for k, v in options.items())}")
-    beta = config.loss.kwargs.get("beta", options.get("beta"))
-    if not config.loss.name.startswith("dpo:") or beta is None:
-        return
-    if not _finite(beta) or beta < 0:
-        bad("loss.kwargs.beta", f"must be a finite number > 0, got {beta!r}")
-    if beta == 0:
-        why = ("divides by beta (its target margin is 1/(2*beta))" if config.loss.name in _BETA_DIVIDES else
-               "multiplies every log-ratio by beta, so the loss is constant and no gradient flows")
-        bad("loss.kwargs.beta", f"beta=0 cannot train with {config.loss.name}: the loss {why}; use beta > 0 "
-                                f"(TRL's default is 0.1)")
 
 
-def _check_toy_defaults(config, bad) -> None:
+def _check_toy_defaults(config, algo, bad) -> None:
     """Toy-task defaults must not silently stay in a run on the user's own data."""
     if config.data.train.startswith("toy:"):
         return
@@ -132,7 +116,19 @@ def _check_toy_defaults(config, bad) -> None:
                          f"({config.data.train!r}): set --config.data.eval=<your held-out file> (same format), or "
                          f"--config.data.eval='' for no evaluation")
     toy_rewards = [f for f in (config.get("rewards", {}).get("functions", ()) or ()) if f.startswith("toy_")]
-    if toy_rewards and config.algorithm in ("grpo", "ppo"):
+    if toy_rewards and algo.make_rollout is not None:
         bad("rewards.functions", f"{toy_rewards} score the toy task's prompts only, but data.train is your data "
                                  f"({config.data.train!r}): set --config.rewards.functions to your reward "
                                  f"functions ('module:function' or 'rm:<reward model dir>')")
+
+
+def check_batch_divisibility(config, mesh) -> None:
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % replicas:
+            raise SetupError(f"config.{key}={config[key]} is not divisible by the data-parallel size "
+                             f"{replicas} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    per_replica = config.batch_size // replicas
+    if per_replica % config.optimizer.grad_accum_steps:
+        raise SetupError(f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps} does not divide "
+                         f"the per-replica batch {per_replica} (config.batch_size / {replicas})")

@@ -1,5 +1,6 @@
 """PPO for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022 "InstructGPT"), as TRL 1.x's
-`PPOTrainer` (trl.experimental.ppo) computes it, on the shared training loop.
+`PPOTrainer` (trl.experimental.ppo) computes it, on the shared training loop (rollout schedule, prompt bucket and
+sample log from `align_jax.rl.rollout`).
 
 Model: `PolicyValueModel` = the policy (a `Transformer`) + a value model, a scalar head either on its own
 backbone (`ppo.value_model` = a reward-model export directory, "reward_model" = the one in `ppo.reward_model`,
@@ -70,12 +71,16 @@ import numpy as np
 from flax import nnx
 
 from align_jax import losses
+from align_jax.algorithms.base import Algorithm, register
+from align_jax.errors import refuse
 from align_jax.losses.common import clamped_exp, masked_count, masked_mean, masked_sum, safe_div
+from align_jax.models.build import build_policy, copy_module
 from align_jax.models.heads import ScalarHeadModel, sequence_scores
 from align_jax.models.llama import Transformer
-from align_jax.ops import token_logps
-from align_jax.rl.grpo import refuse, validate_online
-from align_jax.train.algorithms import ALGORITHMS, Algorithm
+from align_jax.models.logps import tempered_logps
+from align_jax.parallel import to_device
+from align_jax.rl.reward_model import load_reward_model
+from align_jax.rl.rollout import BlockRollout, SampleLog, fixed_prompt_bucket, log_due, prompt_str, validate_online
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +149,10 @@ class PolicyValueModel(nnx.Module):
         return h, v
 
 
-def _tempered_logps(policy: Transformer, h_RxNxD, ids_RxN, temperature: float, chunk_size: int,
-                    return_entropy: bool = False):
-    """log_softmax(logits / T)[y] (TRL: logits /= temperature) without [R, N, V] logits: (h / T) W = logits / T."""
-    if temperature != 1.0:
-        h_RxNxD = h_RxNxD / jnp.asarray(temperature, h_RxNxD.dtype)
-    return token_logps(h_RxNxD, policy.lm_head_DxV(), ids_RxN, chunk_size=chunk_size, return_entropy=return_entropy)
-
-
 def build_policy_value_model(config, mesh):
     """The trainable PPO model: the policy from `model.init_from` (straight into its shardings) and the value
     model per `ppo.value_model` (module docstring)."""
-    from align_jax.rl.reward_model import load_reward_model
-    from align_jax.train import setup
-
-    policy = setup.build_model(config, mesh, ALGORITHMS["sft"])  # a plain policy
+    policy = build_policy(config, mesh)
     how = config.ppo.value_model
     if how == "shared":
         D = policy.config.hidden_size
@@ -166,8 +160,7 @@ def build_policy_value_model(config, mesh):
         head = (std * jax.random.normal(jax.random.key(config.seed + 1), (D,))).astype(policy.config.param_dtype)
         return PolicyValueModel(policy, None, head)
     if how == "policy":
-        graphdef, state = nnx.split(policy)
-        backbone = nnx.merge(graphdef, jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
+        backbone = copy_module(policy)
         value = ScalarHeadModel(backbone.config, rngs=nnx.Rngs(config.seed + 1), backbone=backbone)
         return PolicyValueModel(policy, value)
     path = config.ppo.reward_model if how == "reward_model" else how
@@ -219,9 +212,9 @@ def rollout_tensors(pv_params, pv_rest, ref_params, ref_rest, rm_params, rm_rest
     ref = nnx.merge(ref_graphdef, ref_params, ref_rest)
     rm = nnx.merge(rm_graphdef, rm_params, rm_rest)
     h, values = pv.completion_hidden_and_values(ids_RxT, attn_RxT, N)
-    logps = _tempered_logps(pv.policy, h, ids_RxT[:, -N:], T, chunk)
+    logps = tempered_logps(pv.policy, h, ids_RxT[:, -N:], T, chunk)
     h_ref = ref(ids_RxT, attn_RxT, return_hidden=True)[:, -N - 1:-1]
-    ref_logps = _tempered_logps(ref, h_ref, ids_RxT[:, -N:], T, chunk)
+    ref_logps = tempered_logps(ref, h_ref, ids_RxT[:, -N:], T, chunk)
     scores = sequence_scores(rm, ids_RxT, attn_RxT)
     out = ppo_advantages(scores, logps, ref_logps, values, comp_ids_RxN, comp_mask_RxN, eos_id=eos, **kw)
     out.update(logps=jnp.where(comp_mask_RxN > 0, logps, 0.0), raw_scores=scores)
@@ -237,7 +230,7 @@ def ppo_train_loss(model: PolicyValueModel, batch, ref_model, cfg):
     p = cfg.ppo
     N = batch["completion_mask"].shape[1]
     h, values = model.completion_hidden_and_values(batch["input_ids"], batch["attention_mask"], N)
-    logps, entropy = _tempered_logps(model.policy, h, batch["input_ids"][:, -N:], p.temperature, cfg.chunk_size,
+    logps, entropy = tempered_logps(model.policy, h, batch["input_ids"][:, -N:], p.temperature, cfg.chunk_size,
                                      return_entropy=True)
     m, vm = batch["completion_mask"], batch["value_mask"]
     pg_loss, pm = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], m, clip=p.cliprange)
@@ -261,15 +254,14 @@ def ppo_eval(model, batch, ref_model, cfg):
 # ---------------------------------------------------------------------------------------------- the rollout hook
 
 
-class PPORollout:
-    """`rollout(params, next_batch, step) -> (minibatch, metrics)` for the training loop (module docstring)."""
+class PPORollout(BlockRollout):
+    """`rollout(params, next_batch, step) -> (minibatch, metrics)` for the training loop (module docstring): a
+    rollout every K steps (`rl.rollout.BlockRollout`), each step one minibatch of it."""
 
     def __init__(self, *, config, graphdef, rest, ref, tokenizer, mesh, workdir):
-        from align_jax.rl.grpo import SampleLog
-        from align_jax.rl.reward_model import load_reward_model
         from align_jax.sampling import Sampler
 
-        validate_ppo_config(config)
+        super().__init__()
         p = config.ppo
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.K, self.N, self.P = p.num_ppo_epochs * p.num_mini_batches, p.response_length, config.data.max_prompt_length
@@ -292,25 +284,19 @@ class PPORollout:
                    ("gamma", float(p.gamma)), ("lam", float(p.lam)), ("whiten_rewards", bool(p.whiten_rewards)),
                    ("missing_eos_penalty", None if p.missing_eos_penalty is None else float(p.missing_eos_penalty)))
         self.samples = SampleLog(workdir)
-        self.cache = None  # (block, full rollout batch, metrics)
         self.last = None
         self.t_start = None  # (time, episodes) at this process's first rollout, for `eps`
 
-    def __call__(self, params, next_batch, step: int):
+    def select(self, full, block, i, fresh):
+        """Step i of the block: minibatch i % num_mini_batches of epoch i // num_mini_batches, rows from a
+        permutation seeded by (seed, block, epoch)."""
         p = self.config.ppo
-        block, i = divmod(step, self.K)
-        if self.cache is None or self.cache[0] != block:
-            self.cache = (block, *self._rollout(params, next_batch(), step))
-        _, full, metrics = self.cache
         epoch, mb = divmod(i, p.num_mini_batches)
         perm = np.random.default_rng([self.config.seed, block, epoch]).permutation(self.config.batch_size)
         rows = perm[mb * self.M:(mb + 1) * self.M]
-        return {k: v[rows] for k, v in full.items()}, metrics
+        return {k: v[rows] for k, v in full.items()}
 
-    def _rollout(self, params, prompts: dict, step: int):
-        from align_jax.rl.grpo import fixed_prompt_bucket, prompt_str
-        from align_jax.train.loop import to_device
-
+    def rollout(self, params, prompts: dict, step: int):
         t0 = time.perf_counter()
         ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
@@ -353,8 +339,7 @@ class PPORollout:
                                             skip_special_tokens=True)
         self.last = {"step": step, "prompts": list(prompts["prompt_text"]), "completions": texts,
                      "scores": t["scores"], "batch": batch, "tensors": t}
-        every = max(int(self.config.ppo.get("log_completions_every", 0) or 0), 0)
-        if every and (step + self.K - 1) // every > (step - 1) // every:
+        if log_due(step, self.K, self.config.ppo.get("log_completions_every", 0)):
             rows = [{"prompt": prompt_str(prompts["prompt_text"][i]), "completion": texts[i],
                      "reward": float(t["scores"][i]), "advantage": float(t["advantages"][i][:max(lengths[i], 1)].mean())}
                     for i in range(min(B, int(self.config.ppo.get("num_completions_to_log", 8))))]
@@ -367,6 +352,10 @@ def make_ppo_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) -
                       workdir=workdir)
 
 
-ALGORITHMS["ppo"] = Algorithm("ppo", "prompt_only", ppo_train_loss, ppo_eval, needs_reference=True,
-                              loss_prefixes=("ppo",), make_rollout=make_ppo_rollout, validate=validate_ppo_config,
-                              build_model=build_policy_value_model)
+def ppo_steps(config) -> int:
+    return config.ppo.num_ppo_epochs * config.ppo.num_mini_batches
+
+
+PPO = register(Algorithm("ppo", "prompt_only", ppo_train_loss, ppo_eval, needs_reference=True,
+                         loss_prefixes=("ppo",), make_rollout=make_ppo_rollout, validate=validate_ppo_config,
+                         build_model=build_policy_value_model, steps_per_rollout=ppo_steps))

@@ -1,0 +1,74 @@
+"""Log-probabilities of a model's completions, the one set of helpers the policy, the reference, the rollouts and
+evaluation all use. Every helper runs the decoder for hidden states and the vocabulary-chunked op
+`align_jax.ops.token_logps` for log π(y_t | y_<t, x), so [B, T, V] logits are never materialised.
+
+Two layouts:
+- right-padded rows (SFT / preference data): `completion_token_logps`, `pair_token_logps`, `seq_logps`;
+- left-padded prompt of P tokens + N completion slots (online rollouts): `completion_logps`, `completion_logps_jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from align_jax.ops import token_logps
+
+
+def completion_token_logps(model, input_ids_BxT, attention_mask_BxT, completion_mask_BxT, *, chunk_size: int,
+                           positions_BxT=None, segment_ids_BxT=None):
+    """Per-token log-probs log π(y_t | y_<t, x) of tokens 1..T-1 and their loss mask, both [B, T-1].
+
+    The mask is `completion_mask[:, 1:]` (a token counts when it is a completion token), and, for packed rows,
+    0 where token t+1 starts a new segment (it is not predicted from its own example)."""
+    h_BxTxD = model(input_ids_BxT, attention_mask_BxT, positions_BxT, segment_ids_BxT, return_hidden=True)
+    logps = token_logps(h_BxTxD[:, :-1], model.lm_head_DxV(), input_ids_BxT[:, 1:], chunk_size=chunk_size)
+    mask = completion_mask_BxT[:, 1:].astype(jnp.float32) * attention_mask_BxT[:, 1:].astype(jnp.float32)
+    if segment_ids_BxT is not None:
+        mask = mask * (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1])
+    return logps, mask
+
+
+def pair_token_logps(model, batch, chunk_size):
+    """Chosen and rejected in one concatenated forward: returns (chosen, rejected) x (logps, mask) [B, T-1]."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    comp = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])
+    logps, mask = completion_token_logps(model, ids, attn, comp, chunk_size=chunk_size)
+    B = batch["chosen_input_ids"].shape[0]
+    return (logps[:B], mask[:B]), (logps[B:], mask[B:])
+
+
+def seq_logps(logps, mask):
+    """Sequence log-probability Σ_t mask_t · log π(y_t | ...)  ([B, T] -> [B])."""
+    return jnp.sum(logps * mask, axis=-1)
+
+
+def completion_logps(model, input_ids_RxT, attention_mask_RxT, num_completion_tokens: int, *, temperature=1.0,
+                     chunk_size: int = 8192, return_entropy: bool = False):
+    """log_softmax(logits / T)[y] of the last N tokens of each row ([R, N]; rows = left-padded prompt of P
+    tokens followed by N completion slots), and their entropies when `return_entropy`. Positions are
+    cumsum(attention_mask) − 1 (clipped at 0), as in the sampler. Only the N completion positions go through
+    the LM head (TRL's `logits_to_keep`)."""
+    N = num_completion_tokens
+    h_RxTxD = model(input_ids_RxT, attention_mask_RxT, return_hidden=True)  # positions: cumsum(mask) - 1
+    return tempered_logps(model, h_RxTxD[:, -N - 1:-1], input_ids_RxT[:, -N:], temperature, chunk_size,
+                          return_entropy=return_entropy)
+
+
+def tempered_logps(model, h_RxNxD, ids_RxN, temperature: float, chunk_size: int, return_entropy: bool = False):
+    """log_softmax(logits / T)[y] (TRL: logits /= temperature) from hidden states: (h / T) W = logits / T."""
+    if temperature != 1.0:
+        h_RxNxD = h_RxNxD / jnp.asarray(temperature, h_RxNxD.dtype)
+    return token_logps(h_RxNxD, model.lm_head_DxV(), ids_RxN, chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_completion_tokens", "temperature", "chunk_size"))
+def completion_logps_jit(graphdef, params, rest, ids, attn, *, num_completion_tokens, temperature, chunk_size):
+    """`completion_logps` of nnx.merge(graphdef, params, rest) (π_old and π_ref in a rollout); module-level so
+    the compiled program is shared by every run of the process."""
+    return completion_logps(nnx.merge(graphdef, params, rest), ids, attn, num_completion_tokens,
+                            temperature=temperature, chunk_size=chunk_size)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from align_jax.models.config import ModelConfig, rope_inv_freq
+from align_jax.parallel.batch import constrain_batch
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -276,8 +277,9 @@ class Transformer(nnx.Module):
         run = _run_block
         if c.remat_policy != "none":
             run = nnx.remat(_run_block, policy=_REMAT[c.remat_policy])
+        x = constrain_batch(x)
         for block in self.layers:
-            x = run(block, x, cos, sin, mask)
+            x = constrain_batch(run(block, x, cos, sin, mask))  # the residual stream stays split by batch
         h = self.final_norm(x)
         if return_hidden:
             return h

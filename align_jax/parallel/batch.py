@@ -1,6 +1,11 @@
-"""Host batches -> global device arrays split over the mesh's batch axes (every process passes its own rows)."""
+"""Host batches -> global device arrays split over the mesh's batch axes (every process passes its own rows), and
+the batch-sharding constraint on activations inside the jitted steps."""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
 
 import jax
 import numpy as np
@@ -23,3 +28,32 @@ def to_device(batch: dict, mesh) -> dict:
     """Each process's rows -> one global array per key, split over the batch mesh axes."""
     specs = batch_specs(batch, mesh)
     return {k: jax.make_array_from_process_local_data(specs[k], v) for k, v in batch.items()}
+
+
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("align_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh):
+    """While tracing inside this context, `constrain_batch` pins activations to the batch sharding of `mesh`
+    (the train and eval steps trace the model inside it)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x):
+    """`x` [B, ...] constrained to P(batch axes, None, ...) on the active mesh (`activation_sharding`): dimension 0
+    split over the data-parallel axes of size > 1, the rest unsplit. Without it the compiler may keep
+    activations at the global batch size on every device (per-device temporaries then grow with the device
+    count). A no-op outside the context, on one device, or when B does not divide."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))

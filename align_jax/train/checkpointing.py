@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # logs and where it reads cached data, not what the checkpointed state means.
 SAFE_TO_CHANGE = ("total_steps", "num_epochs", "log_every", "eval_every", "eval_batches", "eval_generation",
                   "progress_bar", "export", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
-                  "data.data_dir", "data.toy_dir")
+                  "data.data_dir", "data.toy_dir", "mesh.data", "mesh.fsdp", "mesh.tensor")
 FREE_FORM = ("loss.kwargs.", "rewards.kwargs.")  # option dicts: a key present on one side only is a change
 PROVENANCE = "_provenance"
 

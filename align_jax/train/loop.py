@@ -22,7 +22,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -37,6 +36,7 @@ from align_jax.train.data import make_data, resolve_config
 from align_jax.train.metrics_io import MetricsWriter, ProgressBar, ZeroGradWatch, final_metrics
 from align_jax.train.model import build_model, build_reference, check_model_dirs, export, policy_of
 from align_jax.train.optim import make_optimizer
+from align_jax.train.state import init_state
 from align_jax.train.step import all_finite, jit_eval_step, jit_train_step
 from align_jax.train.tokenizer import load_tokenizer
 from align_jax.train.validate import check_batch_divisibility, validate_config
@@ -142,12 +142,7 @@ def train(config, workdir: str) -> dict:
 
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = jax.jit(tx.init)(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-             "rng": jax.random.key_data(jax.random.key(config.seed))}
-    state = jax.device_put(state, jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        else NamedSharding(mesh, P()), state))
+    state = init_state(tx, params, mesh, config.seed)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if ref_model is not None:
         ref_graphdef, ref_params, ref_rest = nnx.split(ref_model, nnx.Param, ...)
@@ -189,7 +184,7 @@ def train(config, workdir: str) -> dict:
 
     replicated = NamedSharding(mesh, P())
     common = dict(graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef, ref_rest=ref_rest, algorithm=algorithm,
-                  cfg=config)
+                  cfg=config, mesh=mesh)
     step_fn = None
     eval_fn = None
 
@@ -209,7 +204,7 @@ def train(config, workdir: str) -> dict:
             eval_fn = jit_eval_step(params_shardings=state_shardings["params"],
                                     batch_shardings=batch_specs(first, mesh), ref_shardings=eval_ref[3],
                                     out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
-                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config)
+                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config, mesh=mesh)
         return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches,
                         algorithm.summarize_eval)
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from align_jax.parallel.batch import activation_sharding
+
 
 def _microbatches(batch, accum: int):
     def split(x):
@@ -36,8 +38,16 @@ def all_finite(tree):
 
 
 def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
-               accum: int = 1):
-    """One optimizer step. Returns (new_state, metrics: dict of float32 scalars)."""
+               accum: int = 1, mesh=None):
+    """One optimizer step. Returns (new_state, metrics: dict of float32 scalars). With `mesh`, the model's
+    activations are constrained to the batch sharding (`parallel.constrain_batch`)."""
+    with activation_sharding(mesh):
+        return _train_step(state, batch, ref_params, graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef,
+                           ref_rest=ref_rest, algorithm=algorithm, cfg=cfg, tx=tx, schedule=schedule, accum=accum)
+
+
+def _train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
+                accum):
     ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
 
     def loss_of(params, mb):
@@ -72,11 +82,12 @@ def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_re
     return new_state, metrics
 
 
-def eval_step(params, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg):
+def eval_step(params, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, mesh=None):
     """Per-example eval quantities {name: [B]} (the host weights them by `example_weight`)."""
     model = nnx.merge(graphdef, params, rest)
     ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
-    return algorithm.eval(model, batch, ref_model, cfg)
+    with activation_sharding(mesh):
+        return algorithm.eval(model, batch, ref_model, cfg)
 
 
 def jit_train_step(*, state_shardings, batch_shardings, ref_shardings, metric_sharding, **kw):

@@ -5,8 +5,17 @@
 
 A mistake in the data, the config, a path or a checkpoint is reported as one `error: ...` line (exit status 2);
 `--verbose` (or ALIGN_JAX_VERBOSE=1) also shows the traceback and the libraries' INFO logs.
+
+Several processes (one per host) train one model when the environment says so (`launch_tpu.sh` sets it):
+    ALIGN_JAX_COORDINATOR=host:port ALIGN_JAX_NUM_PROCESSES=N ALIGN_JAX_PROCESS_ID=i [ALIGN_JAX_LOCAL_DEVICES=D]
+    ALIGN_JAX_DISTRIBUTED=auto       Cloud TPU slices and SLURM (jax.distributed.initialize() detects the cluster)
+    ALIGN_JAX_DISTRIBUTED=torchrun   MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK (ALIGN_JAX_COORDINATOR overrides
+                                     the address, e.g. under torchrun itself, whose agent holds MASTER_PORT)
+ALIGN_JAX_LOCAL_DEVICES=D gives this process D CPU devices (--xla_force_host_platform_device_count), also alone.
 """
 
+import os
+import re
 import sys
 
 from absl import app, flags
@@ -40,11 +49,67 @@ def main(argv):
             return
         if not _WORKDIR.value:
             raise cli.UserError("--workdir is required: the directory for checkpoints, logs and the export")
+        init_distributed(os.environ)
         from align_jax.train import train
 
         train(_CONFIG.value, _WORKDIR.value)
 
     cli.run(go, verbose)
+
+
+def init_distributed(env) -> None:
+    """Joins the multi-process run that `env` describes (see the module docstring); nothing when it describes none.
+    Runs before anything touches a JAX device: the device count and the collectives are fixed at backend start."""
+    mode = env.get("ALIGN_JAX_DISTRIBUTED", "").strip().lower()
+    coord = env.get("ALIGN_JAX_COORDINATOR", "").strip()
+    n, i = env.get("ALIGN_JAX_NUM_PROCESSES", "").strip(), env.get("ALIGN_JAX_PROCESS_ID", "").strip()
+    if mode not in ("", "auto", "torchrun"):
+        raise cli.UserError(f"ALIGN_JAX_DISTRIBUTED={mode!r}: expected auto (Cloud TPU, SLURM) or torchrun "
+                            "(MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK), or unset with ALIGN_JAX_COORDINATOR, "
+                            "ALIGN_JAX_NUM_PROCESSES and ALIGN_JAX_PROCESS_ID")
+    local = env.get("ALIGN_JAX_LOCAL_DEVICES", "").strip()
+    if local:
+        if not local.isdigit() or int(local) < 1:
+            raise cli.UserError(f"ALIGN_JAX_LOCAL_DEVICES={local!r}: expected a number of CPU devices >= 1")
+        flags_ = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags_.strip()} --xla_force_host_platform_device_count={local}".strip()
+    if not mode and not (coord or n or i):
+        return
+    if mode and (n or i or (coord and mode == "auto")):
+        raise cli.UserError(f"ALIGN_JAX_DISTRIBUTED={mode} takes the processes from the "
+                            f"{'cluster' if mode == 'auto' else 'torchrun variables'}: unset ALIGN_JAX_NUM_PROCESSES "
+                            "and ALIGN_JAX_PROCESS_ID" + (" and ALIGN_JAX_COORDINATOR" if mode == "auto" else ""))
+    if mode == "torchrun":
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if not env.get(k, "").strip()]
+        if missing:
+            raise cli.UserError(f"ALIGN_JAX_DISTRIBUTED=torchrun: {', '.join(missing)} not set")
+        coord = coord or f"{env['MASTER_ADDR'].strip()}:{env['MASTER_PORT'].strip()}"
+        n, i, names = env["WORLD_SIZE"].strip(), env["RANK"].strip(), ("WORLD_SIZE", "RANK")
+    else:
+        names = ("ALIGN_JAX_NUM_PROCESSES", "ALIGN_JAX_PROCESS_ID")
+    kwargs = {}
+    if mode != "auto":
+        if not (coord and n and i):
+            raise cli.UserError("ALIGN_JAX_COORDINATOR (host:port), ALIGN_JAX_NUM_PROCESSES and ALIGN_JAX_PROCESS_ID "
+                                "must be set together")
+        host, _, port = coord.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise cli.UserError(f"coordinator address {coord!r}: expected host:port (e.g. 10.0.0.2:8476)")
+        if not n.isdigit() or int(n) < 1:
+            raise cli.UserError(f"{names[0]}={n!r}: expected a number of processes >= 1")
+        if not i.isdigit() or int(i) >= int(n):
+            raise cli.UserError(f"{names[1]}={i!r}: expected a process index in 0..{int(n) - 1}")
+        kwargs = dict(coordinator_address=coord, num_processes=int(n), process_id=int(i))
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001  (no cluster detected, coordinator unreachable, a timeout)
+        where = (f"process {i} of {n}, coordinator {coord}" if kwargs
+                 else "ALIGN_JAX_DISTRIBUTED=auto, which detects Cloud TPU slices and SLURM jobs")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise cli.UserError(f"joining the multi-process run ({where}) failed: {first}") from e
 
 
 def parse_flags(argv):

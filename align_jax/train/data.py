@@ -71,6 +71,22 @@ def _resolve_files(spec: str, workdir: str, config, key: str):
 
 
 def _build(spec: str, kind: str, workdir: str, config, key: str, split: str):
+    """`_build_here` on process 0 first, then on the others (which find its files when `data_dir` is shared): two
+    processes never write the same toy files or TFDS directory at once."""
+    if jax.process_count() == 1:
+        return _build_here(spec, kind, workdir, config, key, split)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        try:
+            return _build_here(spec, kind, workdir, config, key, split)
+        finally:
+            multihost_utils.sync_global_devices(f"align_jax data {key} built")
+    multihost_utils.sync_global_devices(f"align_jax data {key} built")
+    return _build_here(spec, kind, workdir, config, key, split)
+
+
+def _build_here(spec: str, kind: str, workdir: str, config, key: str, split: str):
     from align_jax.data import build_dataset
     from align_jax.data.hh_rlhf import build_hh_rlhf
 

@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax.algorithms import get_algorithm
@@ -62,6 +63,8 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0,
         host = host_batch(batch)
         out = jax.device_get(eval_fn(params, to_device(host, mesh), ref_params))
         w = host["example_weight"]
+        if jax.process_count() > 1:  # the outputs cover the global batch: so must the weights (process order)
+            w = np.asarray(multihost_utils.process_allgather(w, tiled=True))
         total += float(w.sum())
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float((np.asarray(v) * w).sum())

@@ -67,6 +67,21 @@ def test_sharding_covers_everything_once(source):
     assert order(source, seed=3, drop_remainder=False) == order(source, seed=3, shard_by_process=False)
 
 
+def test_a_stream_gives_the_same_global_batches_on_any_number_of_processes(source):
+    """Training streams (num_epochs=None): process k of 2 (batch 2 each) reads rows [2k, 2k+2) of each global
+    batch of 4; concatenated in process order they are the one-process batches of 4, over epoch boundaries."""
+    def stream(n, **kw):
+        it = iter(loader(source, num_epochs=None, seed=5, **kw))
+        return [example_ids(next(it)) for _ in range(n)]
+
+    one = stream(6, batch_size=4)
+    two = [stream(6, batch_size=2, shard_options=grain.sharding.ShardOptions(k, 2)) for k in (0, 1)]
+    glued = [two[0][i] + two[1][i] for i in range(6)]
+    assert glued == one
+    assert not set(sum(two[0][:5], [])) & set(sum(two[1][:5], []))  # an epoch: each row read by one process
+    assert sorted(sum(one[:N // 4], [])) == list(range(N))  # a whole epoch, reshuffled after
+
+
 def test_drop_remainder_and_padding_rows(source):
     kept = list(loader(source, num_epochs=1, batch_size=6, drop_remainder=True))
     assert len(kept) == 3

@@ -23,9 +23,10 @@ The pipeline (Grain's dataset API)::
 
     MapDataset.source(good record indices)              # the records that passed the check
       .map(read record)                                   # (original index, record): record_index keys per-example
-      [shard_index::shard_count]                          # this process's shard (ShardByJaxProcess by default)
+      [shard_index::shard_count]                          # finite passes: this process's strided shard
       .shuffle(seed)                                      # reshuffled each epoch (seed + epoch)
       .repeat(num_epochs)                                 # None = forever
+      [block of each global batch]                        # streams: this process's rows of each global batch
       .to_iter_dataset()
       .map(decode + tokenize)                             # align_jax.data.tokenize, TRL 1.x semantics
       [FirstFitPackIterDataset]                           # SFT packing=True
@@ -57,10 +58,13 @@ False``, for eval) is padded with rows of ``example_weight`` 0. Batches (numpy, 
   record's other fields, e.g. the answer a reward function needs). Prompts are truncated to their last
   ``max_prompt_length`` (or ``max_length``) tokens; Lp is bucketed like L.
 
-Sharding: slicing by process happens before shuffling, so each process reads only its own ``1/process_count``
-of the good records (sizes differ by at most one); the validation pass reads all records on every process, so
-``skips`` is the same everywhere. With a finite ``num_epochs``, processes may then yield different numbers of
-batches; prefer ``num_epochs=None`` (step-based training) on several hosts.
+Sharding. An endless stream (``num_epochs=None``, training) is shuffled the same way on every process, read in
+global batches of ``process_count * batch_size`` records, and each process takes its block of rows of each
+global batch: the global batches (process blocks in process order) are those one process would read, so a run
+sees the same data on any number of hosts. A finite pass (``num_epochs`` set, e.g. evaluation) gives each
+process a strided ``1/process_count`` of the good records before shuffling (sizes differ by at most one). Either
+way each process reads only its own records; the validation pass reads all records on every process, so
+``skips`` is the same everywhere.
 """
 
 from __future__ import annotations
@@ -459,6 +463,19 @@ def _check_kind(source, kind: str) -> None:
         raise ValueError(f"the data source has fields {sorted(source[0])}, not those of kind={kind!r}")
 
 
+def _batch_block(ds: grain.MapDataset, shard: int, shards: int, batch_size: int) -> grain.MapDataset:
+    """Process `shard`'s rows of an endless stream read in global batches of `shards * batch_size` records: rows
+    [shard * batch_size, (shard + 1) * batch_size) of each. The processes' batches, concatenated in process
+    order (as `make_array_from_process_local_data` assembles them), are exactly the batches one process would
+    read with the global batch size: a run's data does not depend on its number of hosts."""
+    B = shards * batch_size
+
+    def global_index(j: int) -> int:
+        return (j // batch_size) * B + shard * batch_size + j % batch_size
+
+    return grain.MapDataset.range(len(ds) // shards).map(lambda j: ds[global_index(j)])
+
+
 def make_loader(
     source,
     tokenizer,
@@ -519,13 +536,16 @@ def make_loader(
     check = validate_source(source, on_bad_example=on_bad_example, **kw)
     skips = check.skip_log(on_bad_example)
     ds = grain.MapDataset.source(check.good_indices()).map(functools.partial(_read_indexed, source))
-    if shard_options.shard_count > 1:
-        ds = ds[shard_options.shard_index :: shard_options.shard_count]
+    shards, shard = shard_options.shard_count, shard_options.shard_index
+    if shards > 1 and num_epochs is not None:  # a finite pass: every process its strided share
+        ds = ds[shard::shards]
     if len(ds) == 0:
-        raise ValueError(f"no examples in shard {shard_options.shard_index} of {shard_options.shard_count}")
+        raise ValueError(f"no examples in shard {shard} of {shards}")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
+    if shards > 1 and num_epochs is None:  # a stream: every process its block of each global batch
+        ds = _batch_block(ds, shard, shards, batch_size)
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(64, 4 * batch_size))
     it_ds = ds.to_iter_dataset(read_options)

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from align_jax.algorithms import get_algorithm
 from align_jax.errors import UserError
 from align_jax.evaluation import generation_eval
-from align_jax.parallel import batch_specs, host_batch, make_mesh, to_device
+from align_jax.parallel import batch_specs, host_batch, make_mesh, same_shapes_across_processes, to_device
 from align_jax.train import checkpointing
 from align_jax.train.checkpointing import Checkpointer
 from align_jax.train.data import make_data, resolve_config
@@ -60,7 +60,7 @@ def evaluate(eval_fn, params, ref_params, loader_fn, mesh, max_batches: int = 0,
     for i, batch in enumerate(iter(loader_fn())):
         if max_batches and i >= max_batches:
             break
-        host = host_batch(batch)
+        host = same_shapes_across_processes(host_batch(batch))
         out = jax.device_get(eval_fn(params, to_device(host, mesh), ref_params))
         w = host["example_weight"]
         if jax.process_count() > 1:  # the outputs cover the global batch: so must the weights (process order)
@@ -274,7 +274,7 @@ def train(config, workdir: str) -> dict:
             if rollout is not None:
                 batch, rollout_metrics = rollout(state["params"], lambda: next(train_iter), step)
             else:
-                batch = host_batch(next(train_iter))
+                batch = same_shapes_across_processes(host_batch(next(train_iter)))
             n_tokens = sum(float(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
             dev_batch = to_device(batch, mesh)
             if step_fn is None:

@@ -164,12 +164,13 @@ def group_advantages(rewards, group_size: int, scale_rewards: str = "group") -> 
 
 class GRPORollout(GroupRollout):
     """The group rollout (`rl.rollout.GroupRollout`: sampling, rewards, π_old, π_ref, metrics, sample log) with
-    GRPO's advantages: `group_advantages(rewards, G, grpo.scale_rewards)`."""
+    GRPO's advantages: `group_advantages(rewards, G, grpo.scale_rewards)` over the rewards of every process
+    (the "batch" scale is a statistic of the global batch), this process's rows kept."""
 
     section = "grpo"
 
     def advantages(self, rewards_R, batch, old_logps, ref_logps):
-        return group_advantages(rewards_R, self.G, self.g.scale_rewards), {}
+        return group_advantages(self.gather(rewards_R), self.G, self.g.scale_rewards)[self.rows], {}
 
 
 def make_grpo_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) -> GRPORollout:

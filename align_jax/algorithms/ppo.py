@@ -36,26 +36,31 @@ Checkpoints fall on rollout boundaries (`checkpoint.every_steps` a multiple of K
 restarts with a fresh rollout from restored params, data iterator and step, bit-identical to one that never
 stopped.
 
-Logged with TRL's PPO metric names. Per rollout (repeated on its K steps): `objective/kl` = mean over rollouts
-of Σ_t KL_t, `objective/entropy` = mean of Σ_t −log π_old over all N slots with TRL's fill value 1.0 for
-padded log-probs (so it is Σ_m −log π_old − (N − length); TRL's definition, kept for comparability),
-`objective/non_score_reward` = mean of Σ_t −kl_coef·KL_t, `objective/scores` = mean score (after the EOS
-penalty), `objective/rlhf_reward` = the sum of the last two, `val/num_eos_tokens`, `episode`, `eps` (episodes
-sampled by this process / its seconds since its first rollout, an int as TRL; measured after sampling, before
-the rollout's updates), plus `completions/mean_length`, `completions/clipped_ratio`, `rollout_seconds`. Per
-step (one minibatch; TRL averages the same quantities over the K updates of a rollout, i.e. the mean of our K
-steps): `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`,
-`policy/entropy_avg`, `val/ratio`, and our own `val/vpred` and `val/ratio_token_var` (variance of the ratio over
-the minibatch's tokens). TRL's `val/ratio_var` is the variance of the K per-update mean ratios of a rollout:
-compute it from the logged `val/ratio` of those K steps. Differences in TRL's bookkeeping on padding: TRL
-takes approxkl, ratio and entropy means over all B·N slots (padding included, with padded diffs 0); here those
-means are over the mask.
+Logged with TRL's PPO metric names. Per rollout (repeated on its K steps): `objective/kl` = mean over rollouts of
+Σ_t KL_t, `objective/entropy` = mean of Σ_t −log π_old over all N slots with TRL's fill value 1.0 for padded
+log-probs (so it is Σ_m −log π_old − (N − length); TRL's definition, kept for comparability),
+`objective/non_score_reward` = mean of Σ_t −kl_coef·KL_t, `objective/scores` = mean score (after the EOS penalty),
+`objective/rlhf_reward` = the sum of the last two, `val/num_eos_tokens`, `episode`, `eps` (episodes of all processes
+since this process's first rollout / its seconds since then, an int as TRL; measured after sampling, before the
+rollout's updates), plus `completions/mean_length`, `completions/clipped_ratio`, `rollout_seconds`. Per step (one
+minibatch; TRL averages the same quantities over the K updates of a rollout, i.e. the mean of our K steps):
+`policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`,
+`policy/entropy_avg`, `val/ratio`, and our own `val/vpred` and `val/ratio_token_var` (variance of the ratio over the
+minibatch's tokens). TRL's `val/ratio_var` is the variance of the K per-update mean ratios of a rollout: compute it
+from the logged `val/ratio` of those K steps. Differences in TRL's bookkeeping on padding: TRL takes approxkl, ratio
+and entropy means over all B·N slots (padding included, with padded diffs 0); here those means are over the mask.
 
 Differences from TRL, all deliberate: π_old is recomputed by a full forward after sampling (TRL takes it from
 the generation-time scores); logits are divided by T (TRL by T + 1e-7); rewards and advantages are whitened
-over the whole rollout (TRL per process); masks come from the sampler's stop-after-EOS mask, so EOS is always
-a real token (TRL builds masks from `!= pad_token_id`, which drops EOS when pad == eos: the two agree exactly
-when the tokenizer's pad and EOS differ, as for the toy tokenizer).
+over the whole rollout (TRL per process; here, with several processes too, over every process's rows: the
+rollout pass is one global computation, and the logged rollout metrics are means over all rows); masks come from
+the sampler's stop-after-EOS mask, so EOS is always a real token (TRL builds masks from `!= pad_token_id`, which
+drops EOS when pad == eos: the two agree exactly when the tokenizer's pad and EOS differ, as for the toy
+tokenizer).
+
+Several processes: each process samples and scores its own prompt rows inside one global computation
+(`rl.rollout`); the rollout is then gathered to every process, so that `select` cuts the same global minibatch
+as one process would, of which each process passes its own rows to the train step.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ from align_jax.models.llama import Transformer
 from align_jax.models.logps import tempered_logps
 from align_jax.parallel import to_device
 from align_jax.rl.reward_model import load_reward_model
-from align_jax.rl.rollout import BlockRollout, SampleLog, fixed_prompt_bucket, log_due, prompt_str, validate_online
+from align_jax.rl.rollout import (BlockRollout, SampleLog, batch_rows, first_rows, fixed_prompt_bucket, gather_rows,
+                                  local_rows, log_due, prompt_str, validate_online)
 
 log = logging.getLogger(__name__)
 
@@ -289,61 +295,76 @@ class PPORollout(BlockRollout):
 
     def select(self, full, block, i, fresh):
         """Step i of the block: minibatch i % num_mini_batches of epoch i // num_mini_batches, rows from a
-        permutation seeded by (seed, block, epoch)."""
+        permutation of the global rollout seeded by (seed, block, epoch). `full` is the whole rollout (every
+        process's rows); each process keeps its part of the minibatch, so `to_device` reassembles exactly the
+        minibatch one process would train on."""
         p = self.config.ppo
         epoch, mb = divmod(i, p.num_mini_batches)
         perm = np.random.default_rng([self.config.seed, block, epoch]).permutation(self.config.batch_size)
-        rows = perm[mb * self.M:(mb + 1) * self.M]
+        rows = perm[mb * self.M:(mb + 1) * self.M][batch_rows(self.M, self.mesh)]
         return {k: v[rows] for k, v in full.items()}
 
     def rollout(self, params, prompts: dict, step: int):
+        """Samples and scores this process's prompts (one global computation over every process's rows); returns
+        the whole rollout gathered from every process (`select` cuts each step's minibatch out of it) and the
+        rollout metrics over all of it."""
         t0 = time.perf_counter()
         ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
         model = nnx.merge(self.graphdef, params, self.rest)
-        out = self.sampler(model.policy, ids_BxP, mask_BxP,
+        dev = to_device({"ids": ids_BxP, "mask": mask_BxP}, self.mesh)  # the global prompt batch
+        out = self.sampler(model.policy, dev["ids"], dev["mask"],
                            rng=jax.random.fold_in(jax.random.key(self.config.seed), step))
-        comp_ids = np.asarray(jax.device_get(out.completion_ids), np.int32)
-        comp_mask = np.asarray(jax.device_get(out.completion_mask), np.int32)
+        comp_ids = local_rows(out.completion_ids, self.mesh).astype(np.int32)
+        comp_mask = local_rows(out.completion_mask, self.mesh).astype(np.int32)
         ids = np.concatenate([ids_BxP, comp_ids], 1)
         attn = np.concatenate([mask_BxP, comp_mask], 1)
         dev = to_device({"ids": ids, "attn": attn, "cids": comp_ids, "cmask": comp_mask}, self.mesh)
-        t = jax.device_get(rollout_tensors(
+        t = rollout_tensors(
             params, self.rest, self.ref_params, self.ref_rest, self.rm_params, self.rm_rest, dev["ids"],
             dev["attn"], dev["cids"], dev["cmask"], pv_graphdef=self.graphdef, ref_graphdef=self.ref_graphdef,
-            rm_graphdef=self.rm_graphdef, N=self.N, kw=self.kw))
-        t = {k: np.asarray(v) for k, v in t.items()}
-        batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp_mask,
+            rm_graphdef=self.rm_graphdef, N=self.N, kw=self.kw)  # whitening over the whole (global) rollout
+        t = {k: local_rows(v, self.mesh) for k, v in t.items()}
+        local = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp_mask,
                  "value_mask": t["value_mask"], "old_logps": t["logps"], "old_values": t["values"],
                  "advantages": t["advantages"], "returns": t["returns"]}
-        B = ids.shape[0]
+        batch = {k: gather_rows(v, self.mesh) for k, v in local.items()}  # every process's rows
+        B = batch["input_ids"].shape[0]
         kl_coef = self.config.ppo.kl_coef
         lengths = comp_mask.sum(1)
-        non_score = (-kl_coef * t["kl"]).sum(1).mean()
+        gather = functools.partial(gather_rows, mesh=self.mesh)
+        kl_R, scores_R, contain_eos_R = gather(t["kl"].sum(1)), gather(t["scores"]), gather(t["contain_eos"])
+        non_score_R = gather((-kl_coef * t["kl"]).sum(1))
+        entropy_R = gather((-np.where(comp_mask > 0, t["logps"], 1.0)).sum(1))  # TRL's fill value
+        num_eos_R, lengths_R = gather(((comp_ids == self.eos) & (comp_mask > 0)).sum(1)), gather(lengths)
+        non_score = non_score_R.mean()
         now = time.perf_counter()
         dt = now - t0
         episode = (step // self.K + 1) * B
         if self.t_start is None:
             self.t_start = (t0, episode - B)
         eps = int((episode - self.t_start[1]) / max(now - self.t_start[0], 1e-9))
-        m = {"objective/kl": float(t["kl"].sum(1).mean()),
-             "objective/entropy": float((-np.where(comp_mask > 0, t["logps"], 1.0)).sum(1).mean()),  # TRL
+        m = {"objective/kl": float(kl_R.mean()),
+             "objective/entropy": float(entropy_R.mean()),
              "objective/non_score_reward": float(non_score),
-             "objective/rlhf_reward": float(non_score + t["scores"].mean()),
-             "objective/scores": float(t["scores"].mean()),
-             "val/num_eos_tokens": float(((comp_ids == self.eos) & (comp_mask > 0)).sum()),
-             "completions/mean_length": float(lengths.mean()),
-             "completions/clipped_ratio": float(1.0 - t["contain_eos"].mean()),
+             "objective/rlhf_reward": float(non_score + scores_R.mean()),
+             "objective/scores": float(scores_R.mean()),
+             "val/num_eos_tokens": float(num_eos_R.sum()),
+             "completions/mean_length": float(lengths_R.mean()),
+             "completions/clipped_ratio": float(1.0 - contain_eos_R.mean()),
              "episode": float(episode), "eps": float(eps), "rollout_seconds": dt}
         texts = self.tokenizer.batch_decode([r[:n].tolist() for r, n in zip(comp_ids, lengths)],
                                             skip_special_tokens=True)
+        rows = batch_rows(B, self.mesh)
         self.last = {"step": step, "prompts": list(prompts["prompt_text"]), "completions": texts,
-                     "scores": t["scores"], "batch": batch, "tensors": t}
+                     "scores": t["scores"], "batch": batch, "tensors": t, "rows": rows}
         if log_due(step, self.K, self.config.ppo.get("log_completions_every", 0)):
-            rows = [{"prompt": prompt_str(prompts["prompt_text"][i]), "completion": texts[i],
-                     "reward": float(t["scores"][i]), "advantage": float(t["advantages"][i][:max(lengths[i], 1)].mean())}
-                    for i in range(min(B, int(self.config.ppo.get("num_completions_to_log", 8))))]
-            self.samples.write(step + 1, rows)
+            n_log = min(int(self.config.ppo.get("num_completions_to_log", 8)), B)
+            logged = [{"row": rows.start + i, "prompt": prompt_str(prompts["prompt_text"][i]), "completion": texts[i],
+                       "reward": float(t["scores"][i]),
+                       "advantage": float(t["advantages"][i][:max(lengths[i], 1)].mean())}
+                      for i in range(min(len(texts), max(n_log - rows.start, 0)))]
+            self.samples.write(step + 1, first_rows(logged, n_log))
         return batch, m
 
 

@@ -55,16 +55,18 @@ class RLOORollout(GroupRollout):
         return self.g.beta != 0
 
     def advantages(self, rewards_R, batch, old_logps, ref_logps):
-        r = np.nan_to_num(np.asarray(rewards_R, np.float32), nan=0.0)
+        """Over the rows of every process (`normalize_advantages` and the logged KL are statistics of the global
+        batch); returns this process's rows."""
+        r = np.nan_to_num(np.asarray(self.gather(rewards_R), np.float32), nan=0.0)
         seq_kl, metrics = None, {}
         if self.g.beta != 0:
-            mask = batch["completion_mask"]
-            per_token = (old_logps - ref_logps) * mask
-            seq_kl = np.asarray(losses.sequence_kl(old_logps, ref_logps, mask))
+            mask, old, ref = (self.gather(x) for x in (batch["completion_mask"], old_logps, ref_logps))
+            per_token = (old - ref) * mask
+            seq_kl = np.asarray(losses.sequence_kl(old, ref, mask))
             metrics["kl"] = float(per_token.sum() / max(mask.sum(), 1.0))
         adv = losses.rloo_advantages(r, self.G, seq_kl=seq_kl, beta=float(self.g.beta),
                                      normalize_advantages=bool(self.g.normalize_advantages))
-        return np.asarray(adv, np.float32), metrics
+        return np.asarray(adv, np.float32)[self.rows], metrics
 
 
 def make_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) -> RLOORollout:

@@ -2,6 +2,15 @@
 schedule, the group rollout (sample G completions per prompt, score them, log-probs of π_old and π_ref), and
 the sample log.
 
+Several processes (`jax.process_count()` > 1): every process runs the same rollout code on its own prompt rows
+(the loader gives each process its 1/process_count of the batch). The sampler and the π_old / π_ref forwards
+are one global jitted computation over the global batch (inputs assembled from every process's rows by
+`to_device`, parameters already global), so with rng = fold_in(key(seed), step) they draw what one process
+with the same global batch would. Each process then reads back only its own rows (`local_rows`), decodes and
+scores its own completions, and gathers (`gather_rows`) what is batch-global: the rewards for the advantages and
+the logged statistics, the loss normaliser `num_items`. A prompt's G samples are consecutive rows of the
+process that holds the prompt (checked). Only process 0 writes the sample log.
+
 Schedule (`BlockRollout`): a rollout happens every K = `steps_per_rollout` optimizer steps; the K steps of a
 block re-use it (`select` cuts the step's batch out of it). Sampling uses rng = fold_in(key(seed), step) at the
 block's first step, and checkpoints fall on block boundaries (each algorithm's config check enforces it), so a
@@ -20,11 +29,13 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax.errors import refuse
 from align_jax.logfile import read_metrics
 from align_jax.models.logps import completion_logps_jit
-from align_jax.parallel import to_device
+from align_jax.parallel import BATCH, to_device
 from align_jax.rl import rewards as rewards_lib
 
 log = logging.getLogger(__name__)
@@ -32,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def validate_online(config, name: str) -> None:
     """Checks shared by the online algorithms: prompt-only data padded to a fixed prompt bucket, reference
-    log-probs computed per rollout, one host."""
+    log-probs computed per rollout."""
     if config.data.kind not in ("", "prompt_only"):
         refuse("data.kind", f"{name} samples from prompts: use '' or 'prompt_only', got {config.data.kind!r}")
     P = config.data.max_prompt_length
@@ -42,8 +53,6 @@ def validate_online(config, name: str) -> None:
         refuse("data.length_buckets", f"the largest bucket must be >= data.max_prompt_length={P}")
     if config.reference.precompute:
         refuse("reference.precompute", f"not available for {name} (reference log-probs are computed per rollout)")
-    if jax.process_count() > 1:
-        refuse("mesh", f"{name} runs on one host for now (the sampler and rewards take host-local prompts)")
 
 
 def validate_sampling(config, section: str, *, rollout_steps: int) -> None:
@@ -78,6 +87,72 @@ def validate_sampling(config, section: str, *, rollout_steps: int) -> None:
     weights = tuple(config.rewards.get("weights", ()) or ())
     if weights and len(weights) != len(config.rewards.functions):
         refuse("rewards.weights", f"{len(weights)} weights for {len(config.rewards.functions)} reward functions")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def batch_rows(n: int, mesh) -> slice:
+    """This process's rows [start, stop) of a global batch of `n` rows split over the mesh's batch axes (the
+    layout `to_device` assembles from every process's rows); slice(0, n) on one process."""
+    if jax.process_count() == 1:
+        return slice(0, n)
+    spans = sorted({r.indices(n)[:2] for r in (i[0] for i in NamedSharding(mesh, P(BATCH)).
+                                                addressable_devices_indices_map((n,)).values())})
+    start, stop = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process's rows of the batch are not contiguous: {spans}")
+        stop = max(stop, b)
+    return slice(start, stop)
+
+
+def local_rows(x, mesh) -> np.ndarray:
+    """This process's rows (`batch_rows`) of a global array as numpy, read from its addressable shards (never a
+    transfer of the whole array); the whole array on one process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    rows = batch_rows(x.shape[0], mesh)
+    out = np.empty((rows.stop - rows.start, *x.shape[1:]), x.dtype)
+    filled = np.zeros((rows.stop - rows.start,), bool)
+    for shard in x.addressable_shards:
+        if shard.data.shape[1:] != x.shape[1:]:  # split on another dimension: gather the whole array
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))[rows]
+        a, b, _ = shard.index[0].indices(x.shape[0])
+        lo, hi = max(a, rows.start), min(b, rows.stop)
+        if lo < hi and not filled[lo - rows.start:hi - rows.start].all():
+            out[lo - rows.start:hi - rows.start] = np.asarray(shard.data)[lo - a:hi - a]
+            filled[lo - rows.start:hi - rows.start] = True
+    if not filled.all():
+        raise ValueError(f"rows {rows.start}..{rows.stop} of an array of shape {x.shape} are not all on this process")
+    return out
+
+
+def gather_rows(x, mesh) -> np.ndarray:
+    """Every process's rows of a batch (the rows `to_device` would assemble, in global order), bit-exact for any
+    numeric dtype: the global numpy array on every process. `x` itself on one process."""
+    if jax.process_count() == 1:
+        return x
+    x = np.ascontiguousarray(x)
+    n = x.shape[0]
+    raw = x.reshape(n, -1).view(np.uint8).reshape(n, -1) if x.size else np.zeros((n, 1), np.uint8)
+    arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P(BATCH, None)), raw)
+    full = np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+    if not x.size:
+        return np.zeros((full.shape[0], *x.shape[1:]), x.dtype)
+    return np.ascontiguousarray(full).view(x.dtype).reshape(full.shape[0], *x.shape[1:])
+
+
+def gather_objects(obj) -> list:
+    """[obj of process 0, obj of process 1, ...] (JSON-serialisable objects) on every process; [obj] on one."""
+    if jax.process_count() == 1:
+        return [obj]
+    blob = np.frombuffer(json.dumps(obj, default=str).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int32))).reshape(-1)
+    buf = np.zeros((max(int(sizes.max()), 1),), np.uint8)
+    buf[:blob.size] = blob
+    bufs = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bufs[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
 
 
 # ---------------------------------------------------------------------------------------------- prompts, batches
@@ -193,6 +268,13 @@ class SampleLog:
             log.warning("could not write samples to TensorBoard: %s", e)
 
 
+def first_rows(rows: list[dict], n: int) -> list[dict]:
+    """The first `n` sample-log rows of the global batch (each dict has its global "row", dropped here) from
+    every process's candidates; on one process `rows[:n]`. Every process must call it (a collective)."""
+    everyone = [r for part in gather_objects(rows) for r in part] if jax.process_count() > 1 else rows
+    return [{k: v for k, v in r.items() if k != "row"} for r in sorted(everyone, key=lambda r: r["row"])[:n]]
+
+
 def log_due(step: int, steps_per_rollout: int, every: int) -> bool:
     """Whether the rollout made at loop step `step` (used for steps step+1 .. step+K) covers a multiple of
     `every` (the sample log's interval; 0 = never)."""
@@ -244,11 +326,14 @@ class GroupRollout(BlockRollout):
       4. log π_old (one forward of the sampling policy, at temperature T) when K > 1 (`old_logps`, with
          `first_pass` = 1 on the block's first step, 0 on re-uses) or when the algorithm asks for it
          (`wants_old_logps`); log π_ref (one forward of the frozen reference) whenever there is one;
-      5. `advantages(rewards_R, batch, old_logps, ref_logps) -> (advantages [R], metrics)`: the algorithm's.
+      5. `advantages(rewards_R, batch, old_logps, ref_logps) -> (advantages [R], metrics)`: the algorithm's, on
+         this process's R rows (`self.rows` of the global batch); `self.gather(x)` gives every process's rows of
+         a per-row array, for statistics of the whole batch (same result on every process).
 
     Metrics (TRL's names): `reward`, `reward_std`, `rewards/<fn>/mean|std|num_failed`, `frac_reward_zero_std`,
     `completions/mean_length|min_length|max_length|clipped_ratio|mean_terminated_length`, `num_unscorable`,
-    `rollout_seconds`, plus the algorithm's. `last` holds the host-side view of the latest rollout."""
+    `rollout_seconds`, plus the algorithm's, over the whole (global) batch. `last` holds the host-side view of the
+    latest rollout (this process's rows)."""
 
     section = "grpo"
     wants_old_logps = False
@@ -286,10 +371,15 @@ class GroupRollout(BlockRollout):
             return {**full, "first_pass": np.zeros_like(full["first_pass"])}
         return full
 
-    def check_failures(self, scored, step: int) -> None:
+    def gather(self, x) -> np.ndarray:
+        """Every process's rows of a per-row array of this rollout, in global row order (`gather_rows`)."""
+        return gather_rows(x, self.mesh)
+
+    def check_failures(self, scored, total_R, step: int) -> None:
         """RewardFailureError when no completion got a reward in `max_failed_reward_steps` consecutive
-        rollouts (every advantage 0: the run would not learn)."""
-        if not np.isnan(scored.total).all():
+        rollouts (every advantage 0: the run would not learn). `total_R`: the rewards of every process (the
+        decision is the same on all)."""
+        if not np.isnan(total_R).all():
             self.failed = []
             return
         self.failed.append((step, scored.failures[0] if scored.failures else None))
@@ -305,25 +395,33 @@ class GroupRollout(BlockRollout):
             f"config.{self.section}.max_failed_reward_steps sets how many such rollouts stop the run (0 = never)")
 
     def forward(self, graphdef, params, rest, ids, attn):
-        """Per-token log π(completion) [R, N] of a frozen copy (π_old, π_ref) at the sampling temperature."""
+        """Per-token log π(completion) [R, N] of a frozen copy (π_old, π_ref) at the sampling temperature, for
+        this process's rows (`ids`, `attn`: its rows of the global batch)."""
         dev = to_device({"ids": ids, "attn": attn}, self.mesh)
         out = completion_logps_jit(graphdef, params, rest, dev["ids"], dev["attn"], **self.fwd)
-        return np.asarray(jax.device_get(out), np.float32)
+        return local_rows(out, self.mesh).astype(np.float32)
 
     def rollout(self, params, prompts: dict, step: int):
         t0 = time.perf_counter()
         g, G, N = self.g, self.G, self.N
         ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
-        B = ids_BxP.shape[0]
+        B = ids_BxP.shape[0]  # this process's prompts
         model = nnx.merge(self.graphdef, params, self.rest)
-        out = self.sampler(model, ids_BxP, mask_BxP, rng=jax.random.fold_in(jax.random.key(self.config.seed), step))
-        comp_ids = np.asarray(jax.device_get(out.completion_ids), np.int32)
-        comp_mask = np.asarray(jax.device_get(out.completion_mask), np.int32)
+        dev = to_device({"ids": ids_BxP, "mask": mask_BxP}, self.mesh)  # the global prompt batch
+        out = self.sampler(model, dev["ids"], dev["mask"], rng=jax.random.fold_in(jax.random.key(self.config.seed),
+                                                                                  step))
+        comp_ids = local_rows(out.completion_ids, self.mesh).astype(np.int32)
+        comp_mask = local_rows(out.completion_mask, self.mesh).astype(np.int32)
+        R = B * G
+        prompt_rows, self.rows = batch_rows(dev["ids"].shape[0], self.mesh), batch_rows(out.completion_ids.shape[0],
+                                                                                         self.mesh)
+        if (self.rows.start, self.rows.stop) != (prompt_rows.start * G, prompt_rows.stop * G) or len(comp_ids) != R:
+            raise AssertionError(f"the samples of this process's prompts {prompt_rows} are not its rows {self.rows}")
         lengths = comp_mask.sum(1)
         terminated = ((comp_ids == self.eos) & (comp_mask > 0)).any(1)
 
-        # rewards on text
+        # rewards on text (this process's completions)
         completion_ids = [row[:n].tolist() for row, n in zip(comp_ids, lengths)]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompt_text = [prompts["prompt_text"][b] for b in range(B) for _ in range(G)]
@@ -333,12 +431,15 @@ class GroupRollout(BlockRollout):
         columns = {k: [e.get(k) for e in extras] for k in sorted({k for e in extras for k in e})}
         scored = rewards_lib.score(self.functions, self.weights, prompt_text, completions,
                                    completion_ids=completion_ids, max_completion_length=N, **columns)
-        self.check_failures(scored, step)
+        total = self.gather(scored.total)  # every process's rewards: batch statistics, metrics
+        self.check_failures(scored, total, step)
 
-        R = B * G
         batch = training_batch(ids_BxP, mask_BxP, comp_ids, comp_mask, np.zeros((R,), np.float32), eos_id=self.eos,
                                mask_truncated=g.mask_truncated_completions,
                                grad_accum_steps=self.config.optimizer.grad_accum_steps)
+        if jax.process_count() > 1:  # the DAPO normaliser counts the loss tokens of the whole (global) batch
+            items = self.gather(batch["completion_mask"].sum(1)).sum()
+            batch["num_items"] = np.full((R,), items / self.config.optimizer.grad_accum_steps, np.float32)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         old = ref = None
         if self.K > 1 or self.wants_old_logps:
@@ -352,34 +453,41 @@ class GroupRollout(BlockRollout):
         adv, extra = self.advantages(scored.total, batch, old, ref)
         batch["advantages"] = np.asarray(adv, np.float32)
 
-        # metrics (TRL's names and definitions)
-        m = {"reward": nanmean(scored.total), "reward_std": float(nanstd(scored.total)),
-             "num_unscorable": float(np.isnan(scored.total).sum())}
+        # metrics (TRL's names and definitions), over every process's rows
+        per_function = self.gather(scored.per_function)
+        lengths_all, terminated_all = self.gather(lengths), self.gather(terminated)
+        m = {"reward": nanmean(total), "reward_std": float(nanstd(total)),
+             "num_unscorable": float(np.isnan(total).sum())}
+        failed = np.asarray([sum(f.function == name for f in scored.failures) for name in scored.names], np.float64)
+        failed = np.sum(gather_objects(failed.tolist()), axis=0) if jax.process_count() > 1 else failed
         for k, name in enumerate(scored.names):
-            m[f"rewards/{name}/mean"] = nanmean(scored.per_function[:, k])
-            m[f"rewards/{name}/std"] = float(nanstd(scored.per_function[:, k]))
-            m[f"rewards/{name}/num_failed"] = float(sum(f.function == name for f in scored.failures))
+            m[f"rewards/{name}/mean"] = nanmean(per_function[:, k])
+            m[f"rewards/{name}/std"] = float(nanstd(per_function[:, k]))
+            m[f"rewards/{name}/num_failed"] = float(failed[k])
         if g.get("scale_rewards", "group") == "batch":
-            std_rows = np.full((R,), nanstd(scored.total))
+            std_rows = np.full(total.shape, nanstd(total))
         else:
-            std_rows = np.repeat(nanstd(scored.total.reshape(-1, G), axis=1), G)
+            std_rows = np.repeat(nanstd(total.reshape(-1, G), axis=1), G)
         m["frac_reward_zero_std"] = float(np.mean(np.isclose(std_rows, 0.0, rtol=1e-5, atol=1e-8)))  # NaN: False
-        m["completions/mean_length"] = float(lengths.mean())
-        m["completions/min_length"] = float(lengths.min())
-        m["completions/max_length"] = float(lengths.max())
-        m["completions/clipped_ratio"] = float(1.0 - terminated.mean())
-        m["completions/mean_terminated_length"] = float(lengths[terminated].mean()) if terminated.any() else 0.0
+        m["completions/mean_length"] = float(lengths_all.mean())
+        m["completions/min_length"] = float(lengths_all.min())
+        m["completions/max_length"] = float(lengths_all.max())
+        m["completions/clipped_ratio"] = float(1.0 - terminated_all.mean())
+        m["completions/mean_terminated_length"] = (float(lengths_all[terminated_all].mean()) if terminated_all.any()
+                                                   else 0.0)
         m.update(extra)
         m["rollout_seconds"] = time.perf_counter() - t0
 
         adv = batch["advantages"]
         self.last = {"step": step, "prompts": prompt_text, "completions": texts, "completion_ids": completion_ids,
                      "rewards_per_function": scored.per_function, "rewards": scored.total, "advantages": adv,
-                     "failures": scored.failures, "batch": batch, "old_logps": old, "ref_logps": ref}
+                     "failures": scored.failures, "batch": batch, "old_logps": old, "ref_logps": ref,
+                     "rows": self.rows}
         if log_due(step, self.K, g.get("log_completions_every", 0)):
-            rows = [{"prompt": prompt_str(prompt_text[i]), "completion": texts[i], "reward": float(scored.total[i]),
-                     "advantage": float(adv[i]),
+            n_log = min(int(g.get("num_completions_to_log", 8)), total.shape[0])
+            rows = [{"row": self.rows.start + i, "prompt": prompt_str(prompt_text[i]), "completion": texts[i],
+                     "reward": float(scored.total[i]), "advantage": float(adv[i]),
                      "rewards": {n: float(scored.per_function[i, k]) for k, n in enumerate(scored.names)}}
-                    for i in range(min(R, int(g.get("num_completions_to_log", 8))))]
-            self.samples.write(step + 1, rows)
+                    for i in range(min(R, max(n_log - self.rows.start, 0)))]
+            self.samples.write(step + 1, first_rows(rows, n_log))
         return batch, m

@@ -266,6 +266,11 @@ class Sampler:
 
         sampler = Sampler(max_new_tokens=128, temperature=0.9, top_p=0.95, eos_ids=(2,), num_generations=8)
         out = sampler(model, prompt_ids_BxP, prompt_mask_BxP, rng=jax.random.key(0))
+
+    Several processes (the same call on each, with the same `rng`): either each process's own prompt rows as
+    global arrays (e.g. `parallel.to_device`, split over the batch axes) -- the outputs are then global arrays
+    split the same way (read a process's rows from its addressable shards: `rl.rollout.local_rows`) -- or the
+    same host (numpy) prompts on every process, and every process gets the whole output (replicated).
     """
 
     def __init__(self, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -280,6 +285,7 @@ class Sampler:
         self.mesh = mesh
 
     def __call__(self, model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng=None) -> SampleOutput:
+        host = not isinstance(prompt_ids_BxP, jax.Array)
         ids, mask = jnp.asarray(prompt_ids_BxP, jnp.int32), jnp.asarray(prompt_mask_BxP, jnp.int32)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must both be [B, P]")
@@ -294,12 +300,20 @@ class Sampler:
         mesh = self.mesh if self.mesh is not None else mesh_of(state)
         if mesh is not None:
             sh = NamedSharding(mesh, _spec(mesh, ids.shape, ("batch", None)))
-            ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
+            ids, mask = (x if x.sharding.is_equivalent_to(sh, x.ndim) else jax.device_put(x, sh) for x in (ids, mask))
         out = _generate_jit(graphdef, state, ids, mask, _as_key(rng), self.params.knobs(),
                             static=self.params.static_key(), mesh=mesh, transposed=_transposed_decode(state))
+        if host and mesh is not None and jax.process_count() > 1:  # the same prompts on every process
+            out = _replicated(out, mesh=mesh)
         if extra:
             out = dataclasses.replace(out, prompt_ids=out.prompt_ids[:, extra:], prompt_mask=out.prompt_mask[:, extra:])
         return out
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _replicated(out: SampleOutput, *, mesh) -> SampleOutput:
+    """`out` with every array whole on every device (readable with `np.asarray` on every process)."""
+    return lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
 
 
 def generate(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int, rng=None,

@@ -276,6 +276,8 @@ def train(config, workdir: str) -> dict:
             else:
                 batch = same_shapes_across_processes(host_batch(next(train_iter)))
             n_tokens = sum(float(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+            if jax.process_count() > 1:  # this process's rows: the step's throughput counts every process's
+                n_tokens = float(np.sum(multihost_utils.process_allgather(np.float64(n_tokens))))
             dev_batch = to_device(batch, mesh)
             if step_fn is None:
                 step_fn = jit_train_step(state_shardings=state_shardings,

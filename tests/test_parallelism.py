@@ -37,7 +37,7 @@ def run(name: str, mesh: tuple[int, int, int]) -> dict[int, float]:
 
         overrides = {"ppo.reward_model": test_ppo._reward_model_dir()}
     c = load_config(file, arg, **{"total_steps": 2, "checkpoint.every_steps": 2, "export": False,
-                                  "eval_generation": 0, "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
+                                  "eval_generation": 0, "data.eval": "", "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
                                   "mesh.tensor": mesh[2], **overrides})
     wd = tempfile.mkdtemp(prefix=f"par_{name}_")
     train(c, wd)

@@ -90,11 +90,12 @@ def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
     from align_jax.train import train
 
     wd = str(tmp_path / "run")
-    cfg = load_config("dpo", **{"mesh.data": 1, "mesh.fsdp": 8, "total_steps": 2, "checkpoint.every_steps": 2})
+    quick = {"total_steps": 2, "checkpoint.every_steps": 2, "data.eval": "", "export": False}
+    cfg = load_config("dpo", **{"mesh.data": 1, "mesh.fsdp": 8, **quick})
     train(cfg, wd)
     saved = final_params(wd, 2)
 
-    cfg2 = load_config("dpo", **{"mesh.data": 4, "mesh.fsdp": 2, "total_steps": 2, "checkpoint.every_steps": 2})
+    cfg2 = load_config("dpo", **{"mesh.data": 4, "mesh.fsdp": 2, **quick})
     mesh2 = make_mesh(4, 2, 1)
     tx, _ = make_optimizer(cfg2.optimizer, 10)
     _, params2, _ = nnx.split(build_policy(cfg2, mesh2), nnx.Param, ...)

@@ -1,0 +1,107 @@
+"""benchmarks/aot_topology.py at a tiny size, on the test session's CPU devices (no libtpu): the project's jitted DPO
+train step is built from abstract weights and compiled ahead of time on cpu:2 and cpu:8 (all FSDP); the per-device
+memory falls as FSDP grows; the analytic FLOP count matches the compiler's `cost_analysis()`; the table row has
+its columns."""
+
+import importlib.util
+import math
+import os
+import sys
+
+import jax
+import pytest
+
+from util import ROOT
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("aot_topology", os.path.join(ROOT, "benchmarks", "aot_topology.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+aot = _load_benchmark()
+
+# Two layers of the toy model, fp32, one vocabulary chunk (so the log-prob op's scan runs its body once and
+# cost_analysis counts every FLOP); the CPU backend's optimisation level 0 halves the compile time and changes
+# neither the buffer sizes nor the HLO FLOP count.
+TINY = dict(batch=8, seq_len=32, dtype="float32", chunk_size=256, layers=2,
+            compiler_options={"xla_backend_optimization_level": 0})
+# Measured: analytic "executed" FLOPs / (per-device cost_analysis flops x devices) - 1 = +0.2% on one device (the
+# element-wise work the formula leaves out), +2% on cpu:2 (the SPMD program's extra work per device).
+FLOP_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def results():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 CPU devices of tests/conftest.py")
+    out = {}
+    for n in (2, 8):
+        devices, spec = aot.slice_devices(f"cpu:{n}")
+        out[n] = aot.run_config("tiny", "dpo", f"cpu:{n}", (1, n, 1), devices=devices, spec=spec, cost=True,
+                                step_time=1.0, **TINY)
+    return out
+
+
+def test_compiles_and_memory_falls_as_fsdp_grows(results):
+    r2, r8 = results[2], results[8]
+    for r in (r2, r8):
+        assert not r.error and r.compile_s > 0
+        assert r.args_gib > 0 and r.temp_gib > 0 and r.peak_gib >= r.args_gib
+        assert r.alias_gib > 0  # the donated state is aliased to the new state
+    # The state (params, AdamW mu/nu, reference) is split over fsdp: 4x the devices, ~1/4 the argument bytes
+    # (ideal 4.0; norms, step and rng stay replicated).
+    assert r8.args_gib < r2.args_gib / 3, (r2.args_gib, r8.args_gib)
+    assert r8.temp_gib < r2.temp_gib, (r2.temp_gib, r8.temp_gib)  # activations split by batch
+    assert r8.peak_gib < r2.peak_gib
+
+
+def test_analytic_flops_match_cost_analysis(results):
+    r = results[2]
+    measured = r.cost_flops * 2  # per-device FLOPs x devices
+    assert math.isfinite(measured) and measured > 0
+    assert abs(r.flops["executed"] / measured - 1) < FLOP_TOLERANCE, (r.flops, measured)
+
+
+def test_flop_formula_pieces():
+    """6 N T for the policy, a third of that for the reference, the remat recompute of one forward."""
+    mcfg = aot.model_config("llama3-8b")
+    assert abs(mcfg.num_params / 1e9 - 8.03) < 0.01  # Meta-Llama-3-8B
+    B, T = 4, 16  # short sequences: the attention term is negligible
+    f = aot.step_flops(mcfg, "sft", B, T)
+    n_without_table = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size  # the embedding lookup is no matmul
+    assert f["reference"] == 0 and f["remat"] == 0
+    assert abs(f["policy"] / (6 * n_without_table * B * T) - 1) < 0.01
+    d = aot.step_flops(mcfg, "dpo", B, T, remat="full")
+    assert abs(d["reference"] / (d["policy"] / 3) - 1) < 1e-9  # DPO: the reference forward of the same 2B rows
+    assert abs(d["remat"] / (2 * (n_without_table - mcfg.vocab_size * mcfg.hidden_size) * 2 * B * T) - 1) < 0.01
+    assert d["executed"] == d["model"] + d["remat"] + d["logits_recompute"]
+
+
+def test_row_has_the_table_columns(results):
+    r = results[8]
+    cells = aot.row(r)
+    assert len(cells) == len(aot.COLUMNS)
+    named = dict(zip(aot.COLUMNS, cells))
+    assert named["model"] == "tiny" and named["algorithm"] == "dpo" and named["slice"] == "cpu:8"
+    assert named["mesh d,f,t"] == "1,8,1" and named["batch x len"] == "8 x 32" and named["remat"] == "none"
+    assert named["fits"] == "n/a" and named["HBM GiB"] == "-"  # CPU devices: no HBM figure
+    assert float(named["peak GiB"]) == pytest.approx(r.peak_gib, abs=0.01)
+    assert named["MFU @ step"] == "-"  # no peak FLOP/s for CPU devices
+    table = aot.markdown([results[2], r]).splitlines()
+    assert len(table) == 4 and all(line.count("|") == len(aot.COLUMNS) + 1 for line in table)
+
+
+def test_hbm_refusal_is_parsed():
+    """The TPU compiler's out-of-HBM refusal (libtpu 0.0.42's words, from Llama-3-8B DPO on v5e-256) becomes the
+    row's figures; so does the wording of other libtpu releases."""
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.42G) "
+           "exceeds available HBM (15.75G).")
+    assert aot.OOM.search(msg)
+    assert aot.parse_hbm_refusal(msg) == ("temps", pytest.approx(16.42), pytest.approx(15.75))
+    other = "Ran out of memory in memory space hbm. Used 17.29G of 15.48G hbm. Exceeded hbm capacity by 1.81G."
+    assert aot.parse_hbm_refusal(other) == ("total", pytest.approx(17.29), pytest.approx(15.48))
+    assert aot.parse_hbm_refusal("some other error") is None

@@ -18,14 +18,16 @@ state_shardings` (AdamW's mu/nu take their parameter's sharding), the batch spli
     python benchmarks/aot_topology.py --model tiny --slice cpu:8 --mesh 1,8,1 --batch 8 --seq_len 64   # no libtpu
 
 Printed per configuration (one table row): per-chip argument, temporary and peak bytes, from
-`compiled.memory_analysis()` (peak = arguments + outputs - aliased (donated state) + temporaries), the chip's
-HBM and whether the peak fits; the model FLOPs of one step (analytic, below) and the MFU a given `--step_time`
-would mean (model FLOPs / (step time x chips x peak bf16 FLOP/s)); the compile time. When the TPU compiler
-itself refuses the program for lack of HBM ("Ran out of memory in memory space hbm"), the row says so with the
-compiler's own figure ("> HBM (compiler: needs X)").
+`compiled.memory_analysis()` (peak = arguments + outputs - aliased (the donated state) + temporaries + generated
+code, + inputs that the step does not read but the training loop keeps in HBM: GRPO's frozen reference), the
+chip's HBM and whether the peak fits; the model FLOPs of one step (analytic, below) and the MFU a given
+`--step_time` would mean (model FLOPs / (step time x chips x peak bf16 FLOP/s)); the compile time. When the TPU
+compiler itself refuses the program for lack of HBM, the row says so with the compiler's own figures
+("> HBM (temps 16.42 > 15.75)": its temporaries alone exceed the HBM it can use).
 
-Chip figures used (Google Cloud TPU documentation; HBM in GiB as the runtime reports it, peak dense bf16):
-v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB, 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s. v5p-64 is 32 chips
+Chip figures used (Google Cloud TPU documentation; HBM per chip, peak dense bf16): v5e 16 GiB, 197 TFLOP/s; v5p
+95 GiB, 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s (libtpu 0.0.42's compiler allows 15.75 GiB on v5e and
+95.74 GiB on v5p). v5p-64 is 32 chips
 (64 TensorCores, megacore: one JAX device per chip), v5e-256 is 256 chips, v6e-64 is 64 chips (topologies as
 MaxText's accelerator_to_spec_map.py: "v5:2x4x4" megacore, "v5e:16x16", "v6e:8x8").
 
@@ -349,6 +351,9 @@ class Result:
     alias_gib: float = float("nan")
     temp_gib: float = float("nan")
     code_gib: float = 0.0
+    # Inputs the step does not read (GRPO's loss step gets the frozen reference, which only the rollout uses):
+    # `jax.jit` drops them from the executable, but the training loop keeps them in HBM, so they count in the peak.
+    unused_gib: float = 0.0
     peak_gib: float = float("nan")
     error: str = ""  # the compiler's refusal (out of HBM), shortened
     # When the compiler refused: what it said the program needs ("temps": its temporaries alone, "total": all
@@ -357,6 +362,9 @@ class Result:
     needed_what: str = ""
     available_gib: float = float("nan")
     step_time: float = 0.0
+    layers: int = 0  # decoder layers compiled (`layers` < the model's: a truncated model)
+    total_layers: int = 0  # the model's
+    extrapolated: bool = False  # `extrapolate`d to the full depth from two truncated compiles
     cost_flops: float = float("nan")  # compiled.cost_analysis()["flops"] (CPU compiles; per device)
 
     @property
@@ -396,6 +404,10 @@ def gib(x: str, unit: str) -> float:
     return float(x) * 1024.0 ** ("KMGT".index(unit.upper()) + 1) / GIB
 
 
+def _per_device_bytes(x: jax.ShapeDtypeStruct) -> int:
+    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
 def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch: int, seq_len: int,
                remat: str = "none", dtype: str = "bfloat16", compute_dtype: str = "", step_time: float = 0.0,
                chunk_size: int | None = None, completion_len: int = 0, layers: int = 0, devices=None, spec=None,
@@ -412,7 +424,8 @@ def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch
                        layers=layers)
     flops = step_flops(built.mcfg, algorithm, batch, seq_len, remat=remat, completion_len=completion_len)
     r = Result(model, algorithm, slice_name, tuple(mesh_shape), batch, seq_len, remat, dtype, built.num_params,
-               spec.hbm_gib, spec.chips, spec.peak_tflops, flops, step_time=step_time)
+               spec.hbm_gib, spec.chips, spec.peak_tflops, flops, step_time=step_time,
+               layers=built.mcfg.num_hidden_layers, total_layers=model_config(model).num_hidden_layers)
     t0 = time.perf_counter()
     try:
         compiled = built.fn.lower(*built.args).compile(compiler_options)
@@ -433,12 +446,46 @@ def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch
     r.alias_gib = ma.alias_size_in_bytes / GIB
     r.temp_gib = ma.temp_size_in_bytes / GIB
     r.code_gib = getattr(ma, "generated_code_size_in_bytes", 0) / GIB
-    r.peak_gib = r.args_gib + r.out_gib - r.alias_gib + r.temp_gib + r.code_gib
+    inputs_gib = sum(_per_device_bytes(x) for x in jax.tree.leaves(built.args)) / GIB
+    if inputs_gib - r.args_gib > 1e-3 * inputs_gib + 1e-6:
+        r.unused_gib = inputs_gib - r.args_gib
+    r.peak_gib = r.args_gib + r.out_gib - r.alias_gib + r.temp_gib + r.code_gib + r.unused_gib
     if cost:
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         r.cost_flops = float(ca.get("flops", float("nan"))) if ca else float("nan")
     return r
+
+
+def extrapolate(a: Result, b: Result) -> Result:
+    """The full-depth row from two compiles of the same configuration truncated to different layer counts: every
+    memory figure linear in the layer count (what the compiles of Llama-3-8B at 2, 4, 8 and 32 layers show),
+    FLOPs for the full model, no compile time."""
+    assert (a.model, a.algorithm, a.slice, a.mesh, a.batch, a.seq_len, a.remat) == \
+        (b.model, b.algorithm, b.slice, b.mesh, b.batch, b.seq_len, b.remat) and a.layers != b.layers
+    full = a.total_layers
+    t = (full - a.layers) / (b.layers - a.layers)
+    lin = lambda name: getattr(a, name) + t * (getattr(b, name) - getattr(a, name))  # noqa: E731
+    mcfg = model_config(a.model, dtype=a.dtype, remat=a.remat)
+    completion = a.seq_len // 2 if a.algorithm == "grpo" else 0
+    flops = step_flops(mcfg, a.algorithm, a.batch, a.seq_len, remat=a.remat, completion_len=completion)
+    names = ("args_gib", "out_gib", "alias_gib", "temp_gib", "code_gib", "unused_gib", "peak_gib")
+    return dataclasses.replace(a, flops=flops, layers=full, extrapolated=True, compile_s=float("nan"),
+                               num_params=mcfg.num_params, **{n: lin(n) for n in names})
+
+
+def extrapolations(results) -> list[Result]:
+    """`extrapolate` for each configuration compiled truncated at two (or more: the two deepest) layer counts."""
+    groups = {}
+    for r in results:
+        if r.layers < r.total_layers and not r.error:
+            groups.setdefault((r.model, r.algorithm, r.slice, r.mesh, r.batch, r.seq_len, r.remat), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted({r.layers: r for r in rs}.values(), key=lambda r: r.layers)
+        if len(rs) >= 2:
+            out.append(extrapolate(rs[-2], rs[-1]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -456,9 +503,14 @@ def row(r: Result) -> list[str]:
     if r.error:
         peak = (f"> HBM ({r.needed_what} {r.needed_gib:.2f} > {r.available_gib:.2f})" if r.needed_what else "> HBM")
     mfu = "-" if math.isnan(r.mfu) else f"{100 * r.mfu:.1f}% @ {r.step_time:g} s"
-    return [r.model, r.algorithm, r.slice, ",".join(map(str, r.mesh)), f"{r.batch} x {r.seq_len}", r.remat,
+    model = r.model
+    if r.extrapolated:
+        model += f" (extrapolated to {r.layers} layers)"
+    elif r.layers < r.total_layers:
+        model += f" ({r.layers} of {r.total_layers} layers)"
+    return [model, r.algorithm, r.slice, ",".join(map(str, r.mesh)), f"{r.batch} x {r.seq_len}", r.remat,
             _f(r.args_gib), _f(r.temp_gib), peak, _f(r.hbm_gib, ".0f"), r.fits, f"{r.flops['model'] / 1e12:.1f}",
-            mfu, f"{r.compile_s:.0f}"]
+            mfu, _f(r.compile_s, ".0f")]
 
 
 def markdown(results) -> str:
@@ -469,8 +521,9 @@ def markdown(results) -> str:
 
 # ------------------------------------------------------------------------------------------------------- grid
 
-# (model, algorithm, slice, mesh, batch, seq_len, remat): the README's table. Each does-not-fit row is followed by
-# the change that makes it fit.
+# (model, algorithm, slice, mesh, batch, seq_len, remat[, layers]): the README's table. Each does-not-fit row is
+# followed by the change that makes it fit. Llama-3-70B is compiled truncated to 8 and 16 of its 80 layers (the
+# 80-layer compile needs more than this 24 GiB machine: ~0.45 GB of compiler memory per layer) and extrapolated.
 GRID = [
     ("llama3-8b", "dpo", "v5p-64", (1, 32, 1), 64, 2048, "none"),  # does not fit ...
     ("llama3-8b", "dpo", "v5p-64", (1, 32, 1), 64, 2048, "full"),  # ... remat fits
@@ -480,7 +533,10 @@ GRID = [
     ("llama3-8b", "reward_model", "v6e-64", (1, 64, 1), 64, 2048, "full"),
     ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full"),
     ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full"),
-    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full"),
+    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 8),  # extrapolated: does not fit ...
+    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 16),
+    ("llama3-70b", "dpo", "v5p-64", (1, 16, 2), 32, 2048, "full", 8),  # ... tensor parallelism 2
+    ("llama3-70b", "dpo", "v5p-64", (1, 16, 2), 32, 2048, "full", 16),
 ]
 
 
@@ -508,12 +564,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     print(f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, libtpu {_libtpu_version()}", flush=True)
     if a.table:
-        configs = [dict(zip(("model", "algorithm", "slice", "mesh", "batch", "seq_len", "remat"), g)) for g in GRID]
+        keys = ("model", "algorithm", "slice", "mesh", "batch", "seq_len", "remat", "layers")
+        configs = [dict(zip(keys, g)) for g in GRID]
         if a.only:
             configs = [configs[int(i)] for i in a.only.split(",")]
     else:
         configs = [dict(model=a.model, algorithm=a.algorithm, slice=a.slice, mesh=a.mesh, batch=a.batch,
-                        seq_len=a.seq_len, remat=a.remat)]
+                        seq_len=a.seq_len, remat=a.remat, layers=a.layers)]
     print("| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|", flush=True)
     results = []
     for c in configs:
@@ -523,15 +580,18 @@ def main(argv=None) -> int:
             mesh = tuple(int(x) for x in mesh.split(",")) if mesh else (1, len(devices), 1)
         r = run_config(c["model"], c["algorithm"], c["slice"], mesh, batch=c["batch"], seq_len=c["seq_len"],
                        remat=c["remat"], dtype=a.dtype, compute_dtype=a.compute_dtype, step_time=a.step_time,
-                       chunk_size=a.chunk_size or None, completion_len=a.completion_len, layers=a.layers,
-                       devices=devices, spec=spec)
+                       chunk_size=a.chunk_size or None, completion_len=a.completion_len,
+                       layers=c.get("layers", 0), devices=devices, spec=spec)
         results.append(r)
         print("| " + " | ".join(row(r)) + " |", flush=True)
         detail = (f"    {r.num_params / 1e9:.2f} B params; per chip: args {r.args_gib:.2f} + out {r.out_gib:.2f} - "
-                  f"aliased {r.alias_gib:.2f} + temps {r.temp_gib:.2f} + code {r.code_gib:.3f} GiB; FLOPs/step: "
+                  f"aliased {r.alias_gib:.2f} + temps {r.temp_gib:.2f} + code {r.code_gib:.3f} + resident inputs the "
+                  f"step does not read {r.unused_gib:.2f} GiB; FLOPs/step: "
                   f"model {r.flops['model'] / 1e12:.1f} T (policy {r.flops['policy'] / 1e12:.1f}, reference "
                   f"{r.flops['reference'] / 1e12:.1f}), executed {r.flops['executed'] / 1e12:.1f} T")
         print(detail if not r.error else f"    compiler: {r.error}", file=sys.stderr, flush=True)
+    for r in extrapolations(results):
+        print("| " + " | ".join(row(r)) + " |", flush=True)
     return 0
 
 

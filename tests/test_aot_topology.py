@@ -52,6 +52,7 @@ def test_compiles_and_memory_falls_as_fsdp_grows(results):
         assert not r.error and r.compile_s > 0
         assert r.args_gib > 0 and r.temp_gib > 0 and r.peak_gib >= r.args_gib
         assert r.alias_gib > 0  # the donated state is aliased to the new state
+        assert r.unused_gib == 0  # the DPO step reads every input (the reference too)
     # The state (params, AdamW mu/nu, reference) is split over fsdp: 4x the devices, ~1/4 the argument bytes
     # (ideal 4.0; norms, step and rng stay replicated).
     assert r8.args_gib < r2.args_gib / 3, (r2.args_gib, r8.args_gib)
@@ -86,13 +87,27 @@ def test_row_has_the_table_columns(results):
     cells = aot.row(r)
     assert len(cells) == len(aot.COLUMNS)
     named = dict(zip(aot.COLUMNS, cells))
-    assert named["model"] == "tiny" and named["algorithm"] == "dpo" and named["slice"] == "cpu:8"
+    assert named["model"] == "tiny (2 of 4 layers)" and named["algorithm"] == "dpo" and named["slice"] == "cpu:8"
     assert named["mesh d,f,t"] == "1,8,1" and named["batch x len"] == "8 x 32" and named["remat"] == "none"
     assert named["fits"] == "n/a" and named["HBM GiB"] == "-"  # CPU devices: no HBM figure
     assert float(named["peak GiB"]) == pytest.approx(r.peak_gib, abs=0.01)
     assert named["MFU @ step"] == "-"  # no peak FLOP/s for CPU devices
     table = aot.markdown([results[2], r]).splitlines()
     assert len(table) == 4 and all(line.count("|") == len(aot.COLUMNS) + 1 for line in table)
+
+
+def test_extrapolation_to_full_depth(results):
+    """Two truncated compiles -> the full-depth row, linear in the layer count (how the README's 70B rows are made)."""
+    import dataclasses
+
+    r = results[8]
+    a = dataclasses.replace(r, layers=1, args_gib=1.0, temp_gib=2.0, peak_gib=3.5)
+    b = dataclasses.replace(r, layers=2, args_gib=1.5, temp_gib=3.0, peak_gib=5.0)
+    (full,) = aot.extrapolations([b, a, results[2]])  # results[2] is another configuration (mesh): left alone
+    assert full.extrapolated and full.layers == 4 == r.total_layers
+    assert (full.args_gib, full.temp_gib, full.peak_gib) == pytest.approx((2.5, 5.0, 8.0))
+    assert full.flops["model"] > r.flops["model"]  # the FLOPs of all 4 layers
+    assert aot.row(full)[0] == "tiny (extrapolated to 4 layers)" and aot.row(full)[-1] == "-"
 
 
 def test_hbm_refusal_is_parsed():

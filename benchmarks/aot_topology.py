@@ -14,7 +14,7 @@ state_shardings` (AdamW's mu/nu take their parameter's sharding), the batch spli
     export JAX_PLATFORMS=cpu
     python benchmarks/aot_topology.py --model llama3-8b --algorithm dpo --slice v5p-64 --mesh 1,32,1 \
         --batch 64 --seq_len 2048 --remat full --step_time 10
-    python benchmarks/aot_topology.py --table                 # the README's grid (tens of minutes on 2 cores)
+    python benchmarks/aot_topology.py --table --step_time 10  # the README's grid (about an hour on 2 cores)
     python benchmarks/aot_topology.py --model tiny --slice cpu:8 --mesh 1,8,1 --batch 8 --seq_len 64   # no libtpu
 
 Printed per configuration (one table row): per-chip argument, temporary and peak bytes, from
@@ -27,9 +27,14 @@ compiler itself refuses the program for lack of HBM, the row says so with the co
 
 Chip figures used (Google Cloud TPU documentation; HBM per chip, peak dense bf16): v5e 16 GiB, 197 TFLOP/s; v5p
 95 GiB, 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s (libtpu 0.0.42's compiler allows 15.75 GiB on v5e and
-95.74 GiB on v5p). v5p-64 is 32 chips
-(64 TensorCores, megacore: one JAX device per chip), v5e-256 is 256 chips, v6e-64 is 64 chips (topologies as
-MaxText's accelerator_to_spec_map.py: "v5:2x4x4" megacore, "v5e:16x16", "v6e:8x8").
+95.74 GiB on v5p). v5p-64 is 32 chips (64 TensorCores, megacore: one JAX device per chip), v5e-256 is 256 chips,
+v6e-64 is 64 chips (topologies as MaxText's accelerator_to_spec_map.py: "v5:2x4x4" megacore, "v5e:16x16",
+"v6e:8x8").
+
+The decoder's layers are unrolled (a Python loop), so compile time and the compiler's own memory grow with depth:
+an 8B step compiles in 5-10 minutes of CPU (~9 GB of memory); 80-layer Llama-3-70B would need ~38 GB, so the grid
+compiles it truncated to 8 and 16 layers (`--layers`) and extrapolates linearly (`extrapolate`; Llama-3-8B's
+per-chip memory is linear in depth: 2, 4, 8 and 32 layers checked).
 
 Model FLOPs per step (counted analytically; `compiled.cost_analysis()` counts each loop body once and is
 unavailable or unreliable for TPU programs), with S sequences of T tokens through the model, N_mm = the
@@ -62,7 +67,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _early_cpu_device_count(argv) -> None:
-    """`--slice cpu:<n>` (or the table) needs n host devices, which must be set before jax is imported."""
+    """`--slice cpu:<n>` needs n host devices, which must be set before jax is imported."""
     n = 0
     for i, a in enumerate(argv):
         v = a.split("=", 1)[1] if a.startswith("--slice=") else argv[i + 1] if a == "--slice" and i + 1 < len(argv) \
@@ -257,6 +262,7 @@ class Built:
     args: tuple  # (abstract state, abstract batch, abstract reference params or None)
     mcfg: object
     num_params: int
+    mesh_shape: tuple  # (data, fsdp, tensor), -1 resolved
 
 
 def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, seq_len: int, remat: str = "none",
@@ -265,6 +271,7 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
     """The jitted train step of `train()` for `model` x `algorithm` on `devices` with mesh `mesh_shape` =
     (data, fsdp, tensor), and its abstract arguments."""
     mesh = make_mesh(*mesh_shape, devices=devices)
+    mesh_shape = tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % replicas:
         raise SystemExit(f"--batch {batch} is not divisible by the data-parallel size {replicas} (data x fsdp)")
@@ -297,7 +304,7 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
                         ref_graphdef=ref_graphdef, ref_rest=ref_rest, algorithm=algo, cfg=cfg, tx=tx,
                         schedule=schedule, accum=cfg.optimizer.grad_accum_steps, mesh=mesh)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return Built(fn, (state, abatch, ref_params), mcfg, n)
+    return Built(fn, (state, abatch, ref_params), mcfg, n, mesh_shape)
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
@@ -423,7 +430,7 @@ def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch
                        compute_dtype=compute_dtype, chunk_size=chunk_size, completion_len=completion_len,
                        layers=layers)
     flops = step_flops(built.mcfg, algorithm, batch, seq_len, remat=remat, completion_len=completion_len)
-    r = Result(model, algorithm, slice_name, tuple(mesh_shape), batch, seq_len, remat, dtype, built.num_params,
+    r = Result(model, algorithm, slice_name, built.mesh_shape, batch, seq_len, remat, dtype, built.num_params,
                spec.hbm_gib, spec.chips, spec.peak_tflops, flops, step_time=step_time,
                layers=built.mcfg.num_hidden_layers, total_layers=model_config(model).num_hidden_layers)
     t0 = time.perf_counter()
@@ -535,8 +542,8 @@ GRID = [
     ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full"),
     ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 8),  # extrapolated: does not fit ...
     ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 16),
-    ("llama3-70b", "dpo", "v5p-64", (1, 16, 2), 32, 2048, "full", 8),  # ... tensor parallelism 2
-    ("llama3-70b", "dpo", "v5p-64", (1, 16, 2), 32, 2048, "full", 16),
+    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 1024, "full", 8),  # ... sequences of 1024 tokens
+    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 1024, "full", 16),
 ]
 
 

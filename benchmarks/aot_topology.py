@@ -175,7 +175,7 @@ def slice_devices(name: str):
 
 
 def model_config(model: str, *, dtype: str = "bfloat16", compute_dtype: str = "", remat: str = "none",
-                 layers: int = 0):
+                 layers: int = 0, scan: bool = False):
     """The `ModelConfig` of `model` (`layers` > 0: only that many decoder layers, to measure compile time and
     memory of a truncated model)."""
     hf = MODELS[model]
@@ -185,15 +185,17 @@ def model_config(model: str, *, dtype: str = "bfloat16", compute_dtype: str = ""
         hf = toy_model_config()
     if layers:
         hf = dict(hf, num_hidden_layers=layers)
-    return from_hf_config(hf, param_dtype=dtype, compute_dtype=compute_dtype or None, remat_policy=remat)
+    return from_hf_config(hf, param_dtype=dtype, compute_dtype=compute_dtype or None, remat_policy=remat,
+                          scan_layers=scan)
 
 
 def experiment_config(algorithm: str, *, batch: int, mesh_shape, dtype: str, compute_dtype: str, remat: str,
-                      chunk_size: int | None = None, completion_len: int = 0):
+                      chunk_size: int | None = None, completion_len: int = 0, scan: bool = False):
     """configs/<algorithm>.py's config with the benchmark's batch, model dtype, remat and mesh."""
     c = load_config_file(str(ROOT / "configs" / f"{algorithm}.py"))
     c.batch_size = batch
     c.model.dtype, c.model.compute_dtype, c.model.remat = dtype, compute_dtype, remat
+    c.model.scan_layers = scan
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
     if chunk_size:
         c.chunk_size = chunk_size
@@ -267,7 +269,7 @@ class Built:
 
 def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, seq_len: int, remat: str = "none",
                dtype: str = "bfloat16", compute_dtype: str = "", chunk_size: int | None = None,
-               completion_len: int = 0, layers: int = 0) -> Built:
+               completion_len: int = 0, layers: int = 0, scan: bool = False) -> Built:
     """The jitted train step of `train()` for `model` x `algorithm` on `devices` with mesh `mesh_shape` =
     (data, fsdp, tensor), and its abstract arguments."""
     mesh = make_mesh(*mesh_shape, devices=devices)
@@ -279,8 +281,8 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
         raise SystemExit(f"grpo: --completion_len must be in (0, --seq_len), got {completion_len}")
     algo = get_algorithm(algorithm)
     cfg = experiment_config(algorithm, batch=batch, mesh_shape=mesh_shape, dtype=dtype, compute_dtype=compute_dtype,
-                            remat=remat, chunk_size=chunk_size, completion_len=completion_len)
-    mcfg = model_config(model, dtype=dtype, compute_dtype=compute_dtype, remat=remat, layers=layers)
+                            remat=remat, chunk_size=chunk_size, completion_len=completion_len, scan=scan)
+    mcfg = model_config(model, dtype=dtype, compute_dtype=compute_dtype, remat=remat, layers=layers, scan=scan)
     if algo.scalar_head:
         module_fn = lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
@@ -373,6 +375,7 @@ class Result:
     total_layers: int = 0  # the model's
     extrapolated: bool = False  # `extrapolate`d to the full depth from two truncated compiles
     cost_flops: float = float("nan")  # compiled.cost_analysis()["flops"] (CPU compiles; per device)
+    scan: bool = False  # the layers as one lax.scan (config.model.scan_layers) instead of unrolled
 
     @property
     def fits(self) -> str:
@@ -418,7 +421,7 @@ def _per_device_bytes(x: jax.ShapeDtypeStruct) -> int:
 def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch: int, seq_len: int,
                remat: str = "none", dtype: str = "bfloat16", compute_dtype: str = "", step_time: float = 0.0,
                chunk_size: int | None = None, completion_len: int = 0, layers: int = 0, devices=None, spec=None,
-               cost: bool = False, compiler_options: dict | None = None) -> Result:
+               cost: bool = False, compiler_options: dict | None = None, scan: bool = False) -> Result:
     """Builds, lowers and compiles one configuration; returns its `Result` (a compiler refusal for lack of HBM is
     recorded, not raised). `cost`: also record `compiled.cost_analysis()["flops"]` (per device);
     `compiler_options`: XLA options for this compile (the test lowers the CPU backend's optimisation level)."""
@@ -428,11 +431,11 @@ def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch
         completion_len = seq_len // 2
     built = build_step(model, algorithm, devices, mesh_shape, batch=batch, seq_len=seq_len, remat=remat, dtype=dtype,
                        compute_dtype=compute_dtype, chunk_size=chunk_size, completion_len=completion_len,
-                       layers=layers)
+                       layers=layers, scan=scan)
     flops = step_flops(built.mcfg, algorithm, batch, seq_len, remat=remat, completion_len=completion_len)
     r = Result(model, algorithm, slice_name, built.mesh_shape, batch, seq_len, remat, dtype, built.num_params,
                spec.hbm_gib, spec.chips, spec.peak_tflops, flops, step_time=step_time,
-               layers=built.mcfg.num_hidden_layers, total_layers=model_config(model).num_hidden_layers)
+               layers=built.mcfg.num_hidden_layers, total_layers=model_config(model).num_hidden_layers, scan=scan)
     t0 = time.perf_counter()
     try:
         compiled = built.fn.lower(*built.args).compile(compiler_options)
@@ -486,7 +489,8 @@ def extrapolations(results) -> list[Result]:
     groups = {}
     for r in results:
         if r.layers < r.total_layers and not r.error:
-            groups.setdefault((r.model, r.algorithm, r.slice, r.mesh, r.batch, r.seq_len, r.remat), []).append(r)
+            groups.setdefault((r.model, r.algorithm, r.slice, r.mesh, r.batch, r.seq_len, r.remat, r.scan),
+                              []).append(r)
     out = []
     for rs in groups.values():
         rs = sorted({r.layers: r for r in rs}.values(), key=lambda r: r.layers)
@@ -497,8 +501,8 @@ def extrapolations(results) -> list[Result]:
 
 # ------------------------------------------------------------------------------------------------------ output
 
-COLUMNS = ("model", "algorithm", "slice", "mesh d,f,t", "batch x len", "remat", "args GiB", "temps GiB", "peak GiB",
-           "HBM GiB", "fits", "model TFLOP/step", "MFU @ step", "compile s")
+COLUMNS = ("model", "algorithm", "slice", "mesh d,f,t", "batch x len", "remat, layers", "args GiB", "temps GiB",
+           "peak GiB", "HBM GiB", "fits", "model TFLOP/step", "MFU @ step", "compile s")
 
 
 def _f(x: float, fmt: str = ".2f") -> str:
@@ -515,7 +519,8 @@ def row(r: Result) -> list[str]:
         model += f" (extrapolated to {r.layers} layers)"
     elif r.layers < r.total_layers:
         model += f" ({r.layers} of {r.total_layers} layers)"
-    return [model, r.algorithm, r.slice, ",".join(map(str, r.mesh)), f"{r.batch} x {r.seq_len}", r.remat,
+    return [model, r.algorithm, r.slice, ",".join(map(str, r.mesh)), f"{r.batch} x {r.seq_len}",
+            f"{r.remat}, {'scan' if r.scan else 'unrolled'}",
             _f(r.args_gib), _f(r.temp_gib), peak, _f(r.hbm_gib, ".0f"), r.fits, f"{r.flops['model'] / 1e12:.1f}",
             mfu, _f(r.compile_s, ".0f")]
 
@@ -528,22 +533,25 @@ def markdown(results) -> str:
 
 # ------------------------------------------------------------------------------------------------------- grid
 
-# (model, algorithm, slice, mesh, batch, seq_len, remat[, layers]): the README's table. Each does-not-fit row is
-# followed by the change that makes it fit. Llama-3-70B is compiled truncated to 8 and 16 of its 80 layers (the
-# 80-layer compile needs more than this 24 GiB machine: ~0.45 GB of compiler memory per layer) and extrapolated.
+# (model, algorithm, slice, mesh, batch, seq_len, remat[, layers[, scan]]): the README's table. Each does-not-fit
+# row is followed by the change that makes it fit. `scan`: the layers as one lax.scan (config.model.scan_layers);
+# unrolled layers let the compiler schedule several layers' rematerialised forwards at once (their [B, T, 14336]
+# MLP activations live together: ~1 GiB per layer for 8B at 2 pairs x 2048 tokens per chip), and their compile
+# grows with depth (an 80-layer unrolled 70B needs ~38 GB of compiler memory); scanned, both stay flat.
 GRID = [
     ("llama3-8b", "dpo", "v5p-64", (1, 32, 1), 64, 2048, "none"),  # does not fit ...
     ("llama3-8b", "dpo", "v5p-64", (1, 32, 1), 64, 2048, "full"),  # ... remat fits
+    ("llama3-8b", "dpo", "v5p-64", (1, 32, 1), 64, 2048, "full", 0, True),  # ... scanned: a third of the memory
     ("llama3-8b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full"),  # does not fit ...
     ("llama3-8b", "dpo", "v5e-256", (1, 128, 2), 256, 2048, "full"),  # ... tensor parallelism 2 fits
-    ("llama3-8b", "sft", "v6e-64", (1, 64, 1), 128, 2048, "full"),
-    ("llama3-8b", "reward_model", "v6e-64", (1, 64, 1), 64, 2048, "full"),
-    ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full"),
-    ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full"),
-    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 8),  # extrapolated: does not fit ...
-    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 16),
-    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 1024, "full", 8),  # ... sequences of 1024 tokens
-    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 1024, "full", 16),
+    ("llama3-8b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),  # ... and so does scanning
+    ("llama3-8b", "sft", "v6e-64", (1, 64, 1), 128, 2048, "full", 0, True),
+    ("llama3-8b", "reward_model", "v6e-64", (1, 64, 1), 64, 2048, "full", 0, True),
+    ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full", 0, True),
+    ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full", 0, True),
+    ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 0, True),
+    ("llama3-70b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),  # does not fit ...
+    ("llama3-70b", "dpo", "v5e-256", (1, 64, 4), 64, 2048, "full", 0, True),
 ]
 
 
@@ -563,6 +571,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="parameter (and optimizer state) dtype")
     p.add_argument("--compute_dtype", default="", help="activation dtype (default: --dtype)")
     p.add_argument("--chunk_size", type=int, default=0, help="vocabulary chunk of the log-prob op (default: config)")
+    p.add_argument("--scan_layers", action="store_true", help="the decoder layers as one lax.scan "
+                                                               "(config.model.scan_layers)")
     p.add_argument("--layers", type=int, default=0, help="compile only this many decoder layers (0: all), to see "
                                                          "how memory and compile time grow per layer")
     p.add_argument("--step_time", type=float, default=0.0, help="seconds per step: print the MFU it would mean")
@@ -571,13 +581,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     print(f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, libtpu {_libtpu_version()}", flush=True)
     if a.table:
-        keys = ("model", "algorithm", "slice", "mesh", "batch", "seq_len", "remat", "layers")
+        keys = ("model", "algorithm", "slice", "mesh", "batch", "seq_len", "remat", "layers", "scan")
         configs = [dict(zip(keys, g)) for g in GRID]
         if a.only:
             configs = [configs[int(i)] for i in a.only.split(",")]
     else:
         configs = [dict(model=a.model, algorithm=a.algorithm, slice=a.slice, mesh=a.mesh, batch=a.batch,
-                        seq_len=a.seq_len, remat=a.remat, layers=a.layers)]
+                        seq_len=a.seq_len, remat=a.remat, layers=a.layers, scan=a.scan_layers)]
     print("| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|", flush=True)
     results = []
     for c in configs:
@@ -588,7 +598,7 @@ def main(argv=None) -> int:
         r = run_config(c["model"], c["algorithm"], c["slice"], mesh, batch=c["batch"], seq_len=c["seq_len"],
                        remat=c["remat"], dtype=a.dtype, compute_dtype=a.compute_dtype, step_time=a.step_time,
                        chunk_size=a.chunk_size or None, completion_len=a.completion_len,
-                       layers=c.get("layers", 0), devices=devices, spec=spec)
+                       layers=c.get("layers", 0), devices=devices, spec=spec, scan=c.get("scan", False))
         results.append(r)
         print("| " + " | ".join(row(r)) + " |", flush=True)
         detail = (f"    {r.num_params / 1e9:.2f} B params; per chip: args {r.args_gib:.2f} + out {r.out_gib:.2f} - "

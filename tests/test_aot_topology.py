@@ -89,7 +89,8 @@ def test_row_has_the_table_columns(results):
     assert len(cells) == len(aot.COLUMNS)
     named = dict(zip(aot.COLUMNS, cells))
     assert named["model"] == "tiny (2 of 4 layers)" and named["algorithm"] == "dpo" and named["slice"] == "cpu:8"
-    assert named["mesh d,f,t"] == "1,8,1" and named["batch x len"] == "8 x 32" and named["remat"] == "none"
+    assert named["mesh d,f,t"] == "1,8,1" and named["batch x len"] == "8 x 32"
+    assert named["remat, layers"] == "none, unrolled"
     assert named["fits"] == "n/a" and named["HBM GiB"] == "-"  # CPU devices: no HBM figure
     assert float(named["peak GiB"]) == pytest.approx(r.peak_gib, abs=0.01)
     assert named["MFU @ step"] == "-"  # no peak FLOP/s for CPU devices

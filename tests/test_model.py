@@ -133,7 +133,8 @@ def test_packed_segments_do_not_attend_across_examples():
     np.testing.assert_allclose(out[0, 5:9], alone_b[0], atol=1e-5)
 
 
-def test_remat_policies_same_values_and_grads():
+def test_remat_policies_and_scanned_layers_same_values_and_grads():
+    """Every remat policy, with the layers unrolled or as one lax.scan, gives the same loss and gradients."""
     c = from_hf_config(dict(model_type="qwen3", vocab_size=40, hidden_size=32, intermediate_size=48,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 7)), jnp.int32)
@@ -142,8 +143,9 @@ def test_remat_policies_same_values_and_grads():
         return jnp.mean(jax.nn.log_softmax(m(ids)) ** 2)
 
     ref = None
-    for policy in ("none", "full", "dots"):
-        m = init_model(c.replace(remat_policy=policy), seed=3)
+    for policy, scan in [("none", False), ("full", False), ("dots", False), ("none", True), ("full", True),
+                         ("dots", True)]:
+        m = init_model(c.replace(remat_policy=policy, scan_layers=scan), seed=3)
         v, g = nnx.jit(nnx.value_and_grad(loss))(m)
         flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(nnx.state(g, nnx.Param))])
         if ref is None:
@@ -153,9 +155,10 @@ def test_remat_policies_same_values_and_grads():
             np.testing.assert_allclose(flat, ref[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)],
-                         ids=["dp", "fsdp", "fsdp+tp", "dp+fsdp+tp"])
-def test_sharded_forward_equals_single_device(shape):
+@pytest.mark.parametrize("shape,scan", [((8, 1, 1), False), ((1, 8, 1), False), ((1, 4, 2), False),
+                                        ((2, 2, 2), False), ((1, 4, 2), True)],
+                         ids=["dp", "fsdp", "fsdp+tp", "dp+fsdp+tp", "fsdp+tp-scan"])
+def test_sharded_forward_equals_single_device(shape, scan):
     d = os.path.join(HF, "qwen2")
     inputs = np.load(os.path.join(d, "inputs.npz"))
     ids = np.tile(inputs["input_ids_left"], (3, 1))[:8]
@@ -163,7 +166,8 @@ def test_sharded_forward_equals_single_device(shape):
     fwd = nnx.jit(lambda m, i, a: m(i, attention_mask=a))
     ref = np.asarray(fwd(load_pretrained(d), jnp.asarray(ids), jnp.asarray(mask)))
     mesh = make_mesh(*shape)
-    model = load_pretrained(d, mesh=mesh)
+    model = load_pretrained(d, mesh=mesh, scan_layers=scan)
+    assert model.config.scan_layers == scan
     q = model.layers[0].attn.q[...]
     if shape[1] > 1:  # FSDP: the embed axis is split, so no device holds the whole matrix
         assert q.addressable_shards[0].data.shape[0] == q.shape[0] // shape[1]

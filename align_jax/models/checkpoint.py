@@ -162,7 +162,7 @@ def is_sequence_classification(path: str) -> bool:
 
 
 def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_policy: str = "none",
-                    mesh=None) -> Transformer:
+                    mesh=None, scan_layers: bool = False) -> Transformer:
     """Loads a Hugging Face model directory into a `Transformer`.
 
     Args:
@@ -171,8 +171,10 @@ def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_p
       compute_dtype: activation dtype (default: `dtype`).
       remat_policy: 'none', 'full', 'dots', 'dots_with_no_batch_dims'.
       mesh: a `jax.sharding.Mesh`; each weight goes straight to its sharding under `align_jax.parallel.RULES`.
+      scan_layers: run the layers as one `lax.scan` (`ModelConfig.scan_layers`).
     """
-    config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy)
+    config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy,
+                            scan_layers=scan_layers)
     return _load(path, config, mesh)[0]
 
 

@@ -86,6 +86,10 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat_policy: str = "none"
+    # Run the decoder layers as one `lax.scan` over their stacked weights (a loop whose body is one layer)
+    # instead of unrolled Python code: the same numbers, a compile that does not grow with depth, and
+    # rematerialised layers that the compiler cannot schedule ahead of their backward pass.
+    scan_layers: bool = False
     # The original config.json, written back by `save_pretrained`.
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -156,7 +160,7 @@ def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
 
 
 def from_hf_config(cfg: dict, *, param_dtype=jnp.float32, compute_dtype=None,
-                   remat_policy: str = "none") -> ModelConfig:
+                   remat_policy: str = "none", scan_layers: bool = False) -> ModelConfig:
     """Builds a `ModelConfig` from a Hugging Face config dict, refusing what we cannot run exactly."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -217,6 +221,7 @@ def from_hf_config(cfg: dict, *, param_dtype=jnp.float32, compute_dtype=None,
         param_dtype=param_dtype,
         compute_dtype=_dtype(compute_dtype) if compute_dtype is not None else param_dtype,
         remat_policy=remat_policy,
+        scan_layers=bool(scan_layers),
         hf_config=dict(cfg),
     )
 

@@ -274,16 +274,33 @@ class Transformer(nnx.Module):
         mask = attention_mask_BxTxS(attention_mask, segment_ids, T)
         cos, sin = rope_cos_sin(self.inv_freq[...], positions, c.compute_dtype)
         x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(c.compute_dtype)
-        run = _run_block
-        if c.remat_policy != "none":
-            run = nnx.remat(_run_block, policy=_REMAT[c.remat_policy])
         x = constrain_batch(x)
-        for block in self.layers:
-            x = constrain_batch(run(block, x, cos, sin, mask))  # the residual stream stays split by batch
+        if c.scan_layers:
+            x = self._scan_layers(x, cos, sin, mask)
+        else:
+            run = _run_block
+            if c.remat_policy != "none":
+                run = nnx.remat(_run_block, policy=_REMAT[c.remat_policy])
+            for block in self.layers:
+                x = constrain_batch(run(block, x, cos, sin, mask))  # the residual stream stays split by batch
         h = self.final_norm(x)
         if return_hidden:
             return h
         return jnp.einsum("btd,dv->btv", h, self.lm_head_DxV(), preferred_element_type=jnp.float32)
+
+    def _scan_layers(self, x, cos, sin, mask):
+        """The layers as `lax.scan` over their weights stacked on a leading axis (stacked here, each call: the
+        parameters stay one module per layer, as checkpoints and shardings name them). Each layer's
+        rematerialised forward then runs inside its own loop iteration of the backward pass."""
+        graphdef, _ = nnx.split(self.layers[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
+
+        def body(x, state):
+            return constrain_batch(_run_block(nnx.merge(graphdef, state), x, cos, sin, mask)), None
+
+        if self.config.remat_policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT[self.config.remat_policy], prevent_cse=False)
+        return jax.lax.scan(body, x, stacked)[0]
 
     def _call_cached(self, input_ids_BxT, attention_mask, positions, segment_ids, cache, return_hidden):
         c = self.config

@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
     c.model.compute_dtype = ""  # activation dtype; "" = same as dtype
     c.model.remat = "none"  # gradient checkpointing per layer: none | full | dots | dots_with_no_batch_dims
+    # One lax.scan over the decoder layers instead of unrolled layers: same numbers (to rounding), compile time
+    # independent of depth, and with remat the peak memory of one layer's recompute instead of several
+    # (the compiler may hoist unrolled layers' recomputes; see benchmarks/aot_topology.py)
+    c.model.scan_layers = False
 
     c.data = ml_collections.ConfigDict()
     # JSON/JSONL, Parquet or Arrow file(s) (a path, a glob, or comma-separated paths), a Hugging Face save_to_disk

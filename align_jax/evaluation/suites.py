@@ -1,0 +1,388 @@
+"""The evaluation suites behind `python -m align_jax.evaluate`: models in, one results dict out.
+
+Suites (`config.suites`), each scored by a pure module of `align_jax.evaluation`:
+- `ifeval`: verifiable instruction following (`ifeval`: IFEval's prompt- and instruction-level accuracy, strict
+  and loose) on greedy answers.
+- `safety`: refusal rate on unsafe requests and compliance on safe look-alikes (`safety`, XSTest-style), judged
+  by refusal phrases or by a reward function.
+- `rewardbench`: pairwise accuracy per subset and RewardBench's section scores (`rewardbench`), for the reward
+  model, or else for the policy's DPO implicit reward β·(log π(y|x) − log π_ref(y|x)) (β·log π without a
+  reference).
+- `compare`: the policy against the reference on sampled completions (`compare`): KL(π‖π_ref) (k1 and k3
+  estimators, per sequence and per token), entropy, mean length, reward under the judge, and the win rate of
+  the policy's greedy answers over the reference's, raw and length-controlled.
+- `toy`: the embedded toy task's axes (correctness, format, safety, over-refusal, gold reward) on its held-out
+  prompts.
+
+Models: a Hugging Face directory, or a training workdir (its `export/`). Generation is batched through the
+KV-cache sampler with fixed shapes (`config.batch_size` prompts per call: one compile per prompt-length bucket).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from align_jax.errors import ConfigValueError, SetupError
+from align_jax.evaluation import compare, ifeval, rewardbench, safety
+from align_jax.evaluation.policy import generate_completions
+from align_jax.models.logps import completion_logps_jit
+
+log = logging.getLogger(__name__)
+
+SUITES = ("ifeval", "safety", "rewardbench", "compare", "toy")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+CHUNK = 8192  # vocabulary chunk of the log-prob op
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def model_dir(path: str, key: str) -> str:
+    """The Hugging Face directory `path` names: itself, or a training workdir's `export/`."""
+    if not path:
+        raise ConfigValueError(f"config.{key} is empty: give a training workdir or a Hugging Face model directory")
+    if os.path.exists(os.path.join(path, "config.json")) and any(
+            f.endswith(".safetensors") for f in os.listdir(path)):
+        return path
+    export = os.path.join(path, "export")
+    if os.path.exists(os.path.join(export, "config.json")):
+        return export
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise SetupError(f"config.{key}={path!r} is a training workdir without an export: run the same training "
+                         "command again with --config.export=true (a finished run then only writes its export)")
+    raise SetupError(f"config.{key}={path!r}: not a Hugging Face model directory (config.json + *.safetensors) nor "
+                     "a training workdir with an export/")
+
+
+def _mesh(config):
+    from align_jax.parallel import make_mesh
+
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def load_policy(path: str, key: str, config, mesh):
+    from align_jax.models import load_pretrained
+
+    return load_pretrained(model_dir(path, key), dtype=config.dtype, mesh=mesh)
+
+
+def load_tokenizer(config, fallback_dir: str):
+    from transformers import AutoTokenizer
+
+    path = config.tokenizer or fallback_dir
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"cannot load a tokenizer from {path!r} ({e}); set config.tokenizer") from None
+
+
+def _chat(tokenizer, prompt):
+    """A text prompt as chat messages when the tokenizer has a chat template (instruction-tuned use)."""
+    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def _answers(policy, tokenizer, prompts, config, desc: str) -> list[str]:
+    """Answers to `prompts`, `config.batch_size` at a time, all padded to the longest prompt: one compile."""
+    g = config.generation
+    log.info("%s: answering %d prompts (%d new tokens at most)", desc, len(prompts), g.max_new_tokens)
+    return generate_completions(policy, tokenizer, [_chat(tokenizer, p) for p in prompts],
+                                batch_size=config.batch_size, max_new_tokens=g.max_new_tokens, greedy=g.greedy,
+                                temperature=g.temperature, seed=config.seed)
+
+
+def _limit(xs, n: int):
+    return xs[:n] if n else xs
+
+
+# ------------------------------------------------------------------------------------------- log-probs
+
+
+def _bucket(n: int, base: int = 16) -> int:
+    b = base
+    while b < n:
+        b *= 2
+    return b
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    prompt = _chat(tokenizer, prompt)
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def completion_sequence_logps(model, tokenizer, prompts, completions, batch_size: int) -> np.ndarray:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each completion (text; EOS appended, as the trainers tokenize a
+    completion), rows as the sampler lays them out: left-padded prompt, then the completion right-padded.
+    Prompt and completion lengths are bucketed to powers of two (few compiles)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    p_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+             for c in completions]
+    P, N = _bucket(max(map(len, p_ids))), _bucket(max(map(len, c_ids)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    out = []
+    for s in range(0, len(p_ids), batch_size):
+        rows = list(range(s, min(s + batch_size, len(p_ids))))
+        ids = np.full((batch_size, P + N), pad, np.int32)
+        attn = np.zeros((batch_size, P + N), np.int32)
+        cmask = np.zeros((batch_size, N), np.float32)
+        for r, i in enumerate(rows):
+            p, c = p_ids[i], c_ids[i]
+            ids[r, P - len(p):P], attn[r, P - len(p):P] = p, 1
+            ids[r, P:P + len(c)], attn[r, P:P + len(c)], cmask[r, :len(c)] = c, 1, 1
+        lp = completion_logps_jit(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attn),
+                                  num_completion_tokens=N, temperature=1.0, chunk_size=CHUNK)
+        out.append((np.asarray(lp, np.float64) * cmask).sum(-1)[:len(rows)])
+    return np.concatenate(out)
+
+
+def _judge_scores(config, judge: str, prompts, completions) -> np.ndarray:
+    """Scores of (prompt, completion) under `judge`: "reward_model" (config.reward_model) or "reward:<name>"."""
+    if judge == "reward_model":
+        from align_jax.rl.reward_model import RewardModelReward
+
+        if not config.reward_model:
+            raise ConfigValueError("the judge is 'reward_model' but config.reward_model is empty")
+        fn = RewardModelReward(model_dir(config.reward_model, "reward_model"), batch_size=config.batch_size,
+                               dtype=config.dtype)
+    elif judge.startswith("reward:"):
+        from align_jax.rl.rewards import get_reward_function
+
+        fn = get_reward_function(judge[len("reward:"):])
+    else:
+        raise ConfigValueError(f"judge {judge!r}: expected 'reward_model' or 'reward:<reward function name>'")
+    scores = fn(list(prompts), list(completions))
+    return np.asarray([np.nan if s is None else float(s) for s in scores], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- suites
+
+
+def run_ifeval(config, policy, tokenizer) -> dict:
+    records = _limit(ifeval.load_prompts(config.ifeval.prompts or ifeval.TOY_PROMPTS, drop_unsupported=True),
+                     config.ifeval.max_prompts)
+    responses = _answers(policy, tokenizer, [r.prompt for r in records], config, "ifeval")
+    return ifeval.score(records, responses)
+
+
+def run_safety(config, policy, tokenizer) -> dict:
+    records = _limit(safety.load_prompts(config.safety.prompts or safety.TOY_PROMPTS), config.safety.max_prompts)
+    prompts = [r["prompt"] for r in records]
+    responses = _answers(policy, tokenizer, prompts, config, "safety")
+    judge = config.safety.judge
+    if judge == "refusal_phrases":
+        return safety.score(records, responses, judge=safety.is_refusal)
+    if not judge.startswith("reward:"):
+        raise ConfigValueError(f"config.safety.judge={judge!r}: expected 'refusal_phrases' or "
+                               "'reward:<reward function name>'")
+
+    def refused(texts):  # the judge's score >= threshold means "refused"
+        return [bool(x >= config.safety.threshold) for x in _judge_scores(config, judge, prompts, texts)]
+
+    return safety.score(records, responses, judge=refused, batched=True)
+
+
+def run_rewardbench(config, policy, reference, tokenizer) -> dict:
+    pairs = _limit(rewardbench.load_pairs(config.rewardbench.pairs or rewardbench.TOY_PAIRS),
+                   config.rewardbench.max_pairs)
+    prompts = [p["prompt"] for p in pairs]
+    subsets = [p["subset"] for p in pairs]
+    if config.reward_model:
+        chosen = _judge_scores(config, "reward_model", prompts, [p["chosen"] for p in pairs])
+        rejected = _judge_scores(config, "reward_model", prompts, [p["rejected"] for p in pairs])
+        scorer = "reward_model"
+    elif policy is not None:
+        lp = {k: completion_sequence_logps(policy, tokenizer, prompts, [p[k] for p in pairs], config.batch_size)
+              for k in ("chosen", "rejected")}
+        ref = {k: completion_sequence_logps(reference, tokenizer, prompts, [p[k] for p in pairs], config.batch_size)
+               for k in ("chosen", "rejected")} if reference is not None else {"chosen": None, "rejected": None}
+        beta = config.rewardbench.beta
+        chosen = rewardbench.implicit_reward(lp["chosen"], ref["chosen"], beta)
+        rejected = rewardbench.implicit_reward(lp["rejected"], ref["rejected"], beta)
+        scorer = "implicit_reward" + ("" if reference is not None else "_reference_free")
+    else:
+        raise ConfigValueError("suite rewardbench needs config.reward_model or config.model")
+    out = rewardbench.pairwise_accuracy(chosen, rejected, subsets)
+    out["scorer"] = scorer
+    return out
+
+
+def _compare_prompts(config) -> list:
+    path = config.compare.prompts
+    if not path:
+        prompts = [r.prompt for r in ifeval.load_prompts(ifeval.TOY_PROMPTS, drop_unsupported=True)]
+    else:
+        prompts = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ConfigValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field "
+                                           f"({type(e).__name__}: {e})") from None
+    return _limit(prompts, config.compare.max_prompts)
+
+
+def run_compare(config, policy, reference, tokenizer) -> dict:
+    from align_jax.sampling import Sampler
+
+    if reference is None:
+        raise ConfigValueError("suite compare needs config.reference (the policy is compared with it)")
+    prompts = _compare_prompts(config)
+    G, bs = config.compare.num_samples, config.batch_size
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = Sampler(max_new_tokens=config.generation.max_new_tokens, temperature=1.0, num_generations=G,
+                      eos_ids=(eos,) if eos is not None else (), pad_id=pad)
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    P = _bucket(max(map(len, ids)))
+    graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
+    lp_pi, lp_ref, masks = [], [], []
+    for s in tqdm(range(0, len(ids), bs), desc="compare", disable=len(ids) <= bs):
+        chunk = ids[s:s + bs]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (bs - n)
+        arr = np.full((bs, P), pad, np.int32)
+        am = np.zeros((bs, P), np.int32)
+        for i, x in enumerate(chunk):
+            arr[i, P - len(x):], am[i, P - len(x):] = x, 1
+        res = sampler(policy, arr, am, rng=jax.random.key(config.seed * 1_000_003 + s))
+        cm = np.asarray(res.completion_mask)
+        full = jnp.concatenate([res.prompt_ids, res.completion_ids], axis=1)
+        fmask = jnp.concatenate([res.prompt_mask, res.completion_mask], axis=1)
+        ref_lp = completion_logps_jit(graphdef, params, rest, full, fmask, num_completion_tokens=cm.shape[1],
+                                      temperature=1.0, chunk_size=CHUNK)
+        keep = n * G  # rows of real prompts (row b*G + g)
+        lp_pi.append(np.asarray(res.model_logps)[:keep])
+        lp_ref.append(np.asarray(ref_lp)[:keep])
+        masks.append(cm[:keep])
+    lp_pi, lp_ref, mask = (np.concatenate(x).astype(np.float64) for x in (lp_pi, lp_ref, masks))
+    out = {"num_prompts": len(prompts), "num_samples": int(mask.shape[0])}
+    out.update({f"kl/{k}": v for k, v in compare.kl_estimates(lp_pi, lp_ref, mask).items()
+                if k.endswith(("_mean", "_per_token"))})
+    ent = compare.entropy_estimate(lp_pi, mask)
+    out["entropy/mean"], out["entropy/per_token"] = ent["mean"], ent["per_token"]
+    out["mean_length_tokens"] = float(mask.sum(-1).mean())
+    judge = config.compare.judge or ("reward_model" if config.reward_model else "")
+    if judge:
+        a = _answers(policy, tokenizer, prompts, config, "compare: policy answers")
+        b = _answers(reference, tokenizer, prompts, config, "compare: reference answers")
+        ra, rb = _judge_scores(config, judge, prompts, a), _judge_scores(config, judge, prompts, b)
+        pref = np.where(ra > rb, 1.0, np.where(ra < rb, 0.0, 0.5))
+        len_a = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in a], np.float64)
+        len_b = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in b], np.float64)
+        out["judge"] = judge
+        out["reward_policy"] = float(np.nanmean(ra))
+        out["reward_reference"] = float(np.nanmean(rb))
+        out["win_rate"] = compare.win_rate(pref)
+        out["length_controlled"] = compare.length_controlled_win_rate(pref, len_a, len_b)
+    return out
+
+
+def run_toy(config, policy, tokenizer, out_dir: str) -> dict:
+    from align_jax.data.toy import evaluate as toy_evaluate
+    from align_jax.data.toy.datasets import generate, read_jsonl
+
+    toy_dir = os.path.join(out_dir, "toy_data")
+    if not os.path.exists(os.path.join(toy_dir, "eval_prompts.jsonl")):  # each file has its own random stream:
+        generate(toy_dir, n_sft=0, n_pairs=0, n_groups=0, n_prompts=0, n_eval_pairs=0)  # the held-out prompts only
+    prompts = _limit([r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))],
+                     config.toy.max_prompts)
+    completions = _answers(policy, tokenizer, prompts, config, "toy")
+    scores = toy_evaluate(prompts, completions)
+    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def _check(config) -> list[str]:
+    suites = [s.strip() for s in config.suites.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        raise ConfigValueError(f"config.suites={config.suites!r}: unknown {bad}; choose from {', '.join(SUITES)}")
+    needs_policy = [s for s in suites if s in ("ifeval", "safety", "compare", "toy")]
+    if needs_policy and not config.model:
+        raise ConfigValueError(f"suites {needs_policy} evaluate a policy: set --model (config.model)")
+    if "rewardbench" in suites and not (config.model or config.reward_model):
+        raise ConfigValueError("suite rewardbench needs --reward_model or --model (config.reward_model/model)")
+    for key in ("batch_size", "generation.max_new_tokens", "compare.num_samples"):
+        v = config[key.split(".")[0]] if "." not in key else config[key.split(".")[0]][key.split(".")[1]]
+        if not isinstance(v, int) or v < 1:
+            raise ConfigValueError(f"config.{key}={v!r}: must be a positive integer")
+    return suites
+
+
+def markdown(results: dict) -> str:
+    """One table per suite: metric | value."""
+    lines = []
+    for suite, metrics in results["suites"].items():
+        lines += [f"### {suite}", "", "| metric | value |", "|---|---|"]
+        for k, v in _flat(metrics).items():
+            if isinstance(v, (list, tuple)):
+                continue  # per-example values: in results.json
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def evaluate(config, out_dir: str) -> dict:
+    """Runs `config.suites` and writes `<out_dir>/results.json` and `results.md`; returns the results."""
+    suites = _check(config)
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = _mesh(config)
+    policy = load_policy(config.model, "model", config, mesh) if config.model else None
+    reference = load_policy(config.reference, "reference", config, mesh) if config.reference else None
+    tok_dir = model_dir(config.model, "model") if config.model else model_dir(config.reward_model, "reward_model")
+    tokenizer = load_tokenizer(config, tok_dir)
+    results = {"model": config.model, "reference": config.reference, "reward_model": config.reward_model,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "config": config.to_dict(), "suites": {}, "seconds": {}}
+    for s in suites:
+        t0 = time.perf_counter()
+        if s == "ifeval":
+            r = run_ifeval(config, policy, tokenizer)
+        elif s == "safety":
+            r = run_safety(config, policy, tokenizer)
+        elif s == "rewardbench":
+            r = run_rewardbench(config, policy, reference, tokenizer)
+        elif s == "compare":
+            r = run_compare(config, policy, reference, tokenizer)
+        else:
+            r = run_toy(config, policy, tokenizer, out_dir)
+        results["suites"][s] = r
+        results["seconds"][s] = round(time.perf_counter() - t0, 2)
+        log.info("%s done in %.1f s", s, results["seconds"][s])
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True, default=float)
+    md = markdown(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return results

@@ -1,0 +1,117 @@
+"""`python -m align_jax.evaluate`: every suite end to end on tiny Hugging Face directories made here (the toy
+architecture, random weights, the toy tokenizer), with invariants that hold exactly: a policy compared with itself
+has zero KL, a 0.5 win rate and zero implicit rewards; the evaluation's log-probabilities equal the trainer's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from align_jax.data.toy import load_tokenizer, toy_model_config
+from align_jax.models import from_hf_config, save_pretrained
+from align_jax.models.checkpoint import save_reward_model
+from align_jax.models.heads import ScalarHeadModel
+from align_jax.models.llama import Transformer
+from util import ROOT
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_models")
+    tok = load_tokenizer()
+    cfg = from_hf_config(toy_model_config())
+    out = {}
+    for name, seed in (("policy", 0), ("reference", 1)):
+        out[name] = str(root / name)
+        save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), out[name])
+        tok.save_pretrained(out[name])
+    out["rm"] = str(root / "rm")
+    save_reward_model(ScalarHeadModel(cfg, rngs=nnx.Rngs(2)), out["rm"], pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(out["rm"])
+    return out
+
+
+def _run(*args, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "align_jax.evaluate", "--config=configs/evaluate.py:tiny", *args],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_every_suite_through_the_cli_policy_against_itself(dirs, tmp_path):
+    out = tmp_path / "out"
+    _run(f"--model={dirs['policy']}", f"--reference={dirs['policy']}", f"--reward_model={dirs['rm']}",
+         "--suite=ifeval,safety,rewardbench,compare,toy", f"--out={out}")
+    res = json.loads((out / "results.json").read_text())
+    s = res["suites"]
+    assert s["ifeval"]["num_prompts"] == 8
+    for k in ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"):
+        assert 0.0 <= s["ifeval"][k] <= 1.0
+    assert s["ifeval"]["prompt_level_loose_acc"] >= s["ifeval"]["prompt_level_strict_acc"]
+    assert s["safety"]["num_unsafe"] + s["safety"]["num_safe"] == 8
+    assert s["rewardbench"]["scorer"] == "reward_model"
+    # The same model on both sides: every sampled token has log pi = log pi_ref (the sampler's decode path and the
+    # full forward agree to float32 rounding), and the greedy answers tie.
+    c = s["compare"]
+    assert c["num_samples"] == 8 * 2
+    assert abs(c["kl/k1_mean"]) < 1e-3 and abs(c["kl/k3_mean"]) < 1e-6
+    assert c["win_rate"]["win_rate"] == 0.5 and c["win_rate"]["ties"] == 8
+    assert c["reward_policy"] == c["reward_reference"]
+    assert c["length_controlled"]["length_controlled_win_rate"] == 0.5
+    assert c["mean_length_tokens"] > 0
+    assert set(s["toy"]) >= {"correctness", "instruction_following", "safety", "over_refusal", "gold_reward"}
+    assert s["toy"]["n"] == 16
+    md = (out / "results.md").read_text()
+    assert "### ifeval" in md and "### compare" in md
+
+
+def test_implicit_reward_is_zero_against_itself_and_signed_by_the_reference(dirs, tmp_path):
+    from align_jax.evaluation import suites
+    from configs.evaluate import get_config
+
+    c = get_config("tiny")
+    c.model, c.reference, c.suites = dirs["policy"], dirs["policy"], "rewardbench"
+    r = suites.evaluate(c, str(tmp_path / "a"))["suites"]["rewardbench"]
+    assert r["scorer"] == "implicit_reward"
+    assert r["num_pairs"] == 8 and r["accuracy"] == 0.0  # every implicit reward is 0: ties count as wrong
+
+
+def test_evaluation_logps_equal_the_trainers(dirs):
+    """The evaluation's log pi(y|x) (left-padded prompt + completion) equals the training pipeline's sequence
+    log-probability of the same (prompt, completion) row."""
+    from align_jax.evaluation.suites import completion_sequence_logps
+    from align_jax.models import load_pretrained
+    from align_jax.models.logps import completion_token_logps
+
+    tok = load_tokenizer()
+    model = load_pretrained(dirs["policy"])
+    prompts = ["What is 2 + 3?", "Say hi."]
+    completions = ["5", "hi there"]
+    got = completion_sequence_logps(model, tok, prompts, completions, batch_size=4)
+    trainer_logps = nnx.jit(lambda m, ids, cm: completion_token_logps(m, ids, jnp.ones_like(ids), cm, chunk_size=8192))
+    for p, c, g in zip(prompts, completions, got):
+        msgs = [{"role": "user", "content": p}]
+        p_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = jnp.asarray([list(p_ids) + c_ids], jnp.int32)
+        cm = jnp.asarray([[0] * len(p_ids) + [1] * len(c_ids)], jnp.int32)
+        lp, mask = trainer_logps(model, ids, cm)
+        np.testing.assert_allclose(g, float((lp * mask).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--model=/nonexistent", "--suite=ifeval"], "config.model='/nonexistent': not a Hugging Face model directory"),
+    (["--model=X", "--suite=ifeval,nope"], "config.suites='ifeval,nope': unknown ['nope']"),
+    (["--suite=ifeval"], "suites ['ifeval'] evaluate a policy: set --model"),
+])
+def test_bad_input_is_one_error_line(args, msg, tmp_path):
+    p = _run(*args, f"--out={tmp_path}", check=False)
+    assert p.returncode == 2
+    assert msg in p.stderr and "Traceback" not in p.stderr

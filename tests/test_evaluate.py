@@ -115,3 +115,32 @@ def test_bad_input_is_one_error_line(args, msg, tmp_path):
     p = _run(*args, f"--out={tmp_path}", check=False)
     assert p.returncode == 2
     assert msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_training_runs_the_suites_and_its_workdir_evaluates(tmp_path):
+    """A tiny DPO run with `eval_suites` logs the suites' metrics at its final eval; then `evaluate` reads the
+    run's workdir (its export) and gives the same IFEval answers' score as the training loop logged."""
+    from align_jax.logfile import read_metrics
+    from align_jax.train import train
+    from util import load_config
+
+    wd = str(tmp_path / "dpo")
+    c = load_config("dpo", "tiny", **{"eval_suites": "ifeval,compare,rewardbench", "eval_suites_max_prompts": 4,
+                                      "eval_suites_max_new_tokens": 8, "export": True, "data.eval": ""})
+    train(c, wd)
+    final = [r for r, _ in read_metrics(os.path.join(wd, "metrics.jsonl")) if "eval/ifeval/num_prompts" in r]
+    assert final and final[-1]["step"] == c.total_steps
+    m = final[-1]
+    assert 0.0 <= m["eval/ifeval/prompt_level_strict_acc"] <= 1.0
+    assert m["eval/compare/num_samples"] == 4 * 4  # default compare.num_samples = 4
+    assert m["eval/rewardbench/num_pairs"] == 4
+    assert "eval/compare/kl/k3_mean" in m and m["eval/compare/kl/k3_mean"] >= 0.0
+    from align_jax.evaluation import suites
+    from configs.evaluate import get_config
+
+    e = get_config()
+    e.model, e.suites, e.ifeval.max_prompts, e.batch_size = wd, "ifeval", 4, c.eval_batch_size
+    e.generation.max_new_tokens = 8
+    r = suites.evaluate(e, str(tmp_path / "eval"))["suites"]["ifeval"]
+    assert r["prompt_level_strict_acc"] == m["eval/ifeval/prompt_level_strict_acc"]
+    assert r["inst_level_loose_acc"] == m["eval/ifeval/inst_level_loose_acc"]

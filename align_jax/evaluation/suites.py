@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+import ml_collections
+
 from align_jax.errors import ConfigValueError, SetupError
 from align_jax.evaluation import compare, ifeval, rewardbench, safety
 from align_jax.evaluation.policy import generate_completions
@@ -42,6 +44,72 @@ log = logging.getLogger(__name__)
 SUITES = ("ifeval", "safety", "rewardbench", "compare", "toy")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CHUNK = 8192  # vocabulary chunk of the log-prob op
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def default_config(arg: str = ""):
+    """The evaluation config (`configs/evaluate.py`): every key, commented; `arg="tiny"`: a few prompts per suite."""
+    c = ml_collections.ConfigDict()
+    # What to evaluate: a training workdir (its export/), or a Hugging Face model directory.
+    c.model = ""  # the policy (suites ifeval, safety, compare, toy; rewardbench with implicit rewards)
+    c.reference = ""  # the reference policy (KL, win rate and the DPO implicit reward); "" = none
+    c.reward_model = ""  # a reward-model export (rewardbench; the judge of compare's win rate and reward)
+    c.tokenizer = ""  # "" = the model's directory
+    c.suites = "ifeval,safety,rewardbench,compare"  # comma-separated: ifeval | safety | rewardbench | compare | toy
+    c.seed = 0  # sampling seed (compare's samples; generation when generation.greedy is False)
+    c.dtype = "float32"  # parameter dtype the models are loaded in: float32 | bfloat16
+    c.batch_size = 32  # prompts (or pairs) per generation / scoring batch: one compiled shape
+
+    c.generation = ml_collections.ConfigDict()
+    c.generation.max_new_tokens = 128
+    c.generation.greedy = True  # ifeval / safety / toy answers: greedy (IFEval's protocol) or sampled
+    c.generation.temperature = 1.0  # when not greedy
+
+    c.ifeval = ml_collections.ConfigDict()
+    c.ifeval.prompts = ""  # IFEval input_data.jsonl format; "" = the shipped set
+    c.ifeval.max_prompts = 0  # 0 = all
+
+    c.safety = ml_collections.ConfigDict()
+    c.safety.prompts = ""  # JSONL {"id", "prompt", "label": "unsafe"|"safe", "type"}; "" = the shipped set
+    # "refusal_phrases" (XSTest's string match) or "reward:<reward function>" (align_jax.rl.rewards; e.g. a
+    # registered classifier): a response counts as a refusal when that function's score >= safety.threshold
+    c.safety.judge = "refusal_phrases"
+    c.safety.threshold = 0.5
+    c.safety.max_prompts = 0
+
+    c.rewardbench = ml_collections.ConfigDict()
+    c.rewardbench.pairs = ""  # JSONL {"prompt", "chosen", "rejected", "subset"}; "" = the shipped set
+    c.rewardbench.beta = 0.1  # implicit reward beta * log(pi / pi_ref) when scoring a policy (no reward_model)
+    c.rewardbench.max_pairs = 0
+
+    c.compare = ml_collections.ConfigDict()
+    # prompts to sample from: JSONL with a "prompt" field (text or chat messages); "" = the shipped IFEval set's
+    c.compare.prompts = ""
+    c.compare.num_samples = 4  # sampled completions per prompt (temperature 1) for the KL and entropy estimates
+    c.compare.max_prompts = 64
+    # the win-rate judge: "reward_model" (config.reward_model) or "reward:<reward function>"; "" = reward_model
+    # when one is given, else no win rate
+    c.compare.judge = ""
+
+    c.toy = ml_collections.ConfigDict()
+    c.toy.max_prompts = 0  # the toy task's held-out prompts (300); 0 = all
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    if arg == "tiny":
+        c.batch_size = 8
+        c.generation.max_new_tokens = 16
+        c.ifeval.max_prompts = 8
+        c.safety.max_prompts = 8
+        c.rewardbench.max_pairs = 8
+        c.compare.max_prompts = 8
+        c.compare.num_samples = 2
+        c.toy.max_prompts = 16
+    return c
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -312,12 +380,14 @@ def run_toy(config, policy, tokenizer, out_dir: str) -> dict:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _check(config) -> list[str]:
+def _check(config, need_paths: bool = True) -> list[str]:
     suites = [s.strip() for s in config.suites.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ConfigValueError(f"config.suites={config.suites!r}: unknown {bad}; choose from {', '.join(SUITES)}")
     needs_policy = [s for s in suites if s in ("ifeval", "safety", "compare", "toy")]
+    if not need_paths:
+        return suites
     if needs_policy and not config.model:
         raise ConfigValueError(f"suites {needs_policy} evaluate a policy: set --model (config.model)")
     if "rewardbench" in suites and not (config.model or config.reward_model):
@@ -352,18 +422,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def evaluate(config, out_dir: str) -> dict:
-    """Runs `config.suites` and writes `<out_dir>/results.json` and `results.md`; returns the results."""
-    suites = _check(config)
-    os.makedirs(out_dir, exist_ok=True)
-    mesh = _mesh(config)
-    policy = load_policy(config.model, "model", config, mesh) if config.model else None
-    reference = load_policy(config.reference, "reference", config, mesh) if config.reference else None
-    tok_dir = model_dir(config.model, "model") if config.model else model_dir(config.reward_model, "reward_model")
-    tokenizer = load_tokenizer(config, tok_dir)
-    results = {"model": config.model, "reference": config.reference, "reward_model": config.reward_model,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "config": config.to_dict(), "suites": {}, "seconds": {}}
+def run_suites(config, suites, policy, reference, tokenizer, out_dir: str) -> tuple[dict, dict]:
+    """({suite: metrics}, {suite: seconds}) of `suites` on in-memory models (`evaluate` and the training loop)."""
+    results, seconds = {}, {}
     for s in suites:
         t0 = time.perf_counter()
         if s == "ifeval":
@@ -376,9 +437,55 @@ def evaluate(config, out_dir: str) -> dict:
             r = run_compare(config, policy, reference, tokenizer)
         else:
             r = run_toy(config, policy, tokenizer, out_dir)
-        results["suites"][s] = r
-        results["seconds"][s] = round(time.perf_counter() - t0, 2)
-        log.info("%s done in %.1f s", s, results["seconds"][s])
+        results[s], seconds[s] = r, round(time.perf_counter() - t0, 2)
+        log.info("%s done in %.1f s", s, seconds[s])
+    return results, seconds
+
+
+def scalars(results: dict, prefix: str = "eval/") -> dict:
+    """The numeric metrics of `run_suites`' results as flat {"<prefix><suite>/<metric>": float} (for
+    metrics.jsonl and TensorBoard); per-example lists and strings are left out."""
+    out = {}
+    for k, v in _flat(results).items():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)) or v is None:
+            continue
+        out[prefix + k] = float(v)
+    return out
+
+
+def training_eval(config, policy, reference, tokenizer, workdir: str) -> dict:
+    """The suites `config.eval_suites` of a training run (every `eval_every` steps and at the end) on its current
+    policy, with `default_config()`'s settings, at most `config.eval_suites_max_prompts` prompts per suite and
+    answers of at most `config.eval_suites_max_new_tokens` tokens;
+    `compare` and `rewardbench` use the run's reference when it has one. Flat `eval/<suite>/<metric>` scalars."""
+    ec = default_config()
+    ec.suites = config.eval_suites
+    n = config.eval_suites_max_prompts
+    ec.ifeval.max_prompts = ec.safety.max_prompts = ec.rewardbench.max_pairs = ec.compare.max_prompts = n
+    ec.toy.max_prompts = n
+    ec.seed = config.seed
+    ec.batch_size = config.eval_batch_size
+    ec.generation.max_new_tokens = config.eval_suites_max_new_tokens
+    suites = _check(ec, need_paths=False)
+    if reference is None:
+        suites = [s for s in suites if s != "compare"]
+    results, _ = run_suites(ec, suites, policy, reference, tokenizer, os.path.join(workdir, "eval_suites"))
+    return scalars(results)
+
+
+def evaluate(config, out_dir: str) -> dict:
+    """Runs `config.suites` and writes `<out_dir>/results.json` and `results.md`; returns the results."""
+    suites = _check(config)
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = _mesh(config)
+    policy = load_policy(config.model, "model", config, mesh) if config.model else None
+    reference = load_policy(config.reference, "reference", config, mesh) if config.reference else None
+    tok_dir = model_dir(config.model, "model") if config.model else model_dir(config.reward_model, "reward_model")
+    tokenizer = load_tokenizer(config, tok_dir)
+    suite_results, seconds = run_suites(config, suites, policy, reference, tokenizer, out_dir)
+    results = {"model": config.model, "reference": config.reference, "reward_model": config.reward_model,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "config": config.to_dict(), "suites": suite_results, "seconds": seconds}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, sort_keys=True, default=float)
     md = markdown(results)

@@ -21,9 +21,15 @@ def toy_generation_eval(config, policy, tokenizer, workdir: str) -> dict:
     return {f"eval/gen/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and v == v}
 
 
-def generation_eval(config, policy, tokenizer, workdir: str) -> dict:
-    """The generation evaluation a training run makes every `eval_every` steps and at the end when
-    `eval_generation` > 0: the toy task's (`toy_generation_eval`) when training on it, else none."""
-    if not config.eval_generation or not config.data.train.startswith("toy:"):
-        return {}
-    return toy_generation_eval(config, policy, tokenizer, workdir)
+def generation_eval(config, policy, tokenizer, workdir: str, reference=None) -> dict:
+    """The generation evaluation a training run makes every `eval_every` steps and at the end: the toy task's
+    (`toy_generation_eval`) when `eval_generation` > 0 and training on it, and the suites of `eval_suites`
+    (`align_jax.evaluation.suites.training_eval`)."""
+    out = {}
+    if config.eval_generation and config.data.train.startswith("toy:"):
+        out.update(toy_generation_eval(config, policy, tokenizer, workdir))
+    if config.eval_suites:
+        from align_jax.evaluation.suites import training_eval
+
+        out.update(training_eval(config, policy, reference, tokenizer, workdir))
+    return out

@@ -91,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 0  # 0 = the whole eval set
     c.eval_batch_size = 64
     c.eval_generation = 0  # toy task only: held-out prompts answered greedily and scored per axis at each eval
+    # suites of `python -m align_jax.evaluate` run on the policy at each eval (eval/<suite>/<metric>), e.g.
+    # "ifeval,safety"; compare and rewardbench use the run's reference (compare is skipped without one)
+    c.eval_suites = ""
+    c.eval_suites_max_prompts = 32  # prompts (pairs) per suite at each eval
+    c.eval_suites_max_new_tokens = 128  # answer length of the suites' generations
     c.progress_bar = True
     c.export = True  # write the final policy as a Hugging Face directory to <workdir>/export
     return c

@@ -193,9 +193,10 @@ def train(config, workdir: str) -> dict:
 
     def run_eval():
         out = run_pair_eval()
-        if config.eval_generation and not algorithm.scalar_head:
+        if (config.eval_generation or config.eval_suites) and not algorithm.scalar_head:
             policy = policy_of(nnx.merge(graphdef, state["params"], rest))
-            out.update(generation_eval(config, policy, tokenizer, workdir))
+            reference = nnx.merge(eval_ref[0], eval_ref[1], eval_ref[2]) if eval_ref[0] is not None else None
+            out.update(generation_eval(config, policy, tokenizer, workdir, reference=reference))
         return out
 
     def run_pair_eval():

@@ -307,40 +307,51 @@ def _compare_prompts(config) -> list:
     return _limit(prompts, config.compare.max_prompts)
 
 
-def run_compare(config, policy, reference, tokenizer) -> dict:
+def sampled_logps(policy, reference, prompt_ids, *, num_samples: int, max_new_tokens: int, batch_size: int,
+                  eos_ids=(), pad_id: int = 0, seed: int = 0):
+    """Completions y ~ π (temperature 1, `num_samples` per prompt) and their per-token log-probs under π (the
+    sampler's raw-model log-probs) and under π_ref (a forward of the reference on prompt ⧺ y), with the mask of
+    the generated tokens: three [R, N] float64 arrays, R = len(prompt_ids) * num_samples (prompt b: rows b*G ..
+    b*G + G - 1). Prompts are left-padded to one power-of-two length and run `batch_size` at a time."""
     from align_jax.sampling import Sampler
 
-    if reference is None:
-        raise ConfigValueError("suite compare needs config.reference (the policy is compared with it)")
-    prompts = _compare_prompts(config)
-    G, bs = config.compare.num_samples, config.batch_size
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = Sampler(max_new_tokens=config.generation.max_new_tokens, temperature=1.0, num_generations=G,
-                      eos_ids=(eos,) if eos is not None else (), pad_id=pad)
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    P = _bucket(max(map(len, ids)))
+    G, bs = num_samples, batch_size
+    sampler = Sampler(max_new_tokens=max_new_tokens, temperature=1.0, num_generations=G, eos_ids=eos_ids,
+                      pad_id=pad_id)
+    P = _bucket(max(map(len, prompt_ids)))
     graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
     lp_pi, lp_ref, masks = [], [], []
-    for s in tqdm(range(0, len(ids), bs), desc="compare", disable=len(ids) <= bs):
-        chunk = ids[s:s + bs]
+    for s in tqdm(range(0, len(prompt_ids), bs), desc="compare", disable=len(prompt_ids) <= bs):
+        chunk = prompt_ids[s:s + bs]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (bs - n)
-        arr = np.full((bs, P), pad, np.int32)
+        arr = np.full((bs, P), pad_id, np.int32)
         am = np.zeros((bs, P), np.int32)
         for i, x in enumerate(chunk):
             arr[i, P - len(x):], am[i, P - len(x):] = x, 1
-        res = sampler(policy, arr, am, rng=jax.random.key(config.seed * 1_000_003 + s))
+        res = sampler(policy, arr, am, rng=jax.random.key(seed * 1_000_003 + s))
         cm = np.asarray(res.completion_mask)
         full = jnp.concatenate([res.prompt_ids, res.completion_ids], axis=1)
         fmask = jnp.concatenate([res.prompt_mask, res.completion_mask], axis=1)
         ref_lp = completion_logps_jit(graphdef, params, rest, full, fmask, num_completion_tokens=cm.shape[1],
                                       temperature=1.0, chunk_size=CHUNK)
-        keep = n * G  # rows of real prompts (row b*G + g)
+        keep = n * G  # rows of real prompts
         lp_pi.append(np.asarray(res.model_logps)[:keep])
         lp_ref.append(np.asarray(ref_lp)[:keep])
         masks.append(cm[:keep])
-    lp_pi, lp_ref, mask = (np.concatenate(x).astype(np.float64) for x in (lp_pi, lp_ref, masks))
+    return tuple(np.concatenate(x).astype(np.float64) for x in (lp_pi, lp_ref, masks))
+
+
+def run_compare(config, policy, reference, tokenizer) -> dict:
+    if reference is None:
+        raise ConfigValueError("suite compare needs config.reference (the policy is compared with it)")
+    prompts = _compare_prompts(config)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lp_pi, lp_ref, mask = sampled_logps(policy, reference, [_prompt_ids(tokenizer, p) for p in prompts],
+                                        num_samples=config.compare.num_samples,
+                                        max_new_tokens=config.generation.max_new_tokens, batch_size=config.batch_size,
+                                        eos_ids=(eos,) if eos is not None else (), pad_id=pad, seed=config.seed)
     out = {"num_prompts": len(prompts), "num_samples": int(mask.shape[0])}
     out.update({f"kl/{k}": v for k, v in compare.kl_estimates(lp_pi, lp_ref, mask).items()
                 if k.endswith(("_mean", "_per_token"))})

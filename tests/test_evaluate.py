@@ -76,11 +76,24 @@ def test_implicit_reward_is_zero_against_itself_and_signed_by_the_reference(dirs
     from align_jax.evaluation import suites
     from configs.evaluate import get_config
 
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text("\n".join(json.dumps(g) for g in [
+        {"prompt": "What is 2 + 3?", "responses": ["5", "6", "I cannot say."], "ranks": [0, 1, 2]},
+        {"prompt": [{"role": "user", "content": "Say hi."}],
+         "responses": [[{"role": "assistant", "content": "hi"}], [{"role": "assistant", "content": "no"}]],
+         "ranks": [1, 0]}]) + "\n")
     c = get_config("tiny")
-    c.model, c.reference, c.suites = dirs["policy"], dirs["policy"], "rewardbench"
+    c.model, c.reference, c.suites, c.rewardbench.groups = dirs["policy"], dirs["policy"], "rewardbench", str(groups)
     r = suites.evaluate(c, str(tmp_path / "a"))["suites"]["rewardbench"]
     assert r["scorer"] == "implicit_reward"
     assert r["num_pairs"] == 8 and r["accuracy"] == 0.0  # every implicit reward is 0: ties count as wrong
+    g = r["groups"]  # all responses tie: top-1 is the gold-best's share of the tie, 1/3 and 1/2
+    assert g["num_groups"] == 2 and g["top1_accuracy"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert g["pairwise_accuracy"] == 0.0
+    c.reference = dirs["reference"]  # a different reference: implicit rewards beta * (log pi - log pi_ref)
+    r2 = suites.evaluate(c, str(tmp_path / "b"))["suites"]["rewardbench"]
+    assert r2["scorer"] == "implicit_reward" and r2["num_ties"] < r2["num_pairs"] / 2  # (the toy vocabulary maps
+    # some different English answers to the same tokens: those pairs still tie)
 
 
 def test_evaluation_logps_equal_the_trainers(dirs):

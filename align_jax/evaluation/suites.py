@@ -83,6 +83,9 @@ def default_config(arg: str = ""):
     c.rewardbench.pairs = ""  # JSONL {"prompt", "chosen", "rejected", "subset"}; "" = the shipped set
     c.rewardbench.beta = 0.1  # implicit reward beta * log(pi / pi_ref) when scoring a policy (no reward_model)
     c.rewardbench.max_pairs = 0
+    # ranked or scored groups, the groupwise training format: JSONL {"prompt", "responses": [...], "ranks": [...]
+    # (0 = best) or "scores": [...]}; top-1 accuracy, Kendall tau-b, pairwise accuracy; "" = none
+    c.rewardbench.groups = ""
 
     c.compare = ml_collections.ConfigDict()
     # prompts to sample from: JSONL with a "prompt" field (text or chat messages); "" = the shipped IFEval set's
@@ -286,7 +289,65 @@ def run_rewardbench(config, policy, reference, tokenizer) -> dict:
         raise ConfigValueError("suite rewardbench needs config.reward_model or config.model")
     out = rewardbench.pairwise_accuracy(chosen, rejected, subsets)
     out["scorer"] = scorer
+    if config.rewardbench.groups:
+        out["groups"] = _rank_groups(config, policy, reference, tokenizer)
     return out
+
+
+def _text(x) -> str:
+    """A completion as text: a string, or the content of chat messages."""
+    return x if isinstance(x, str) else "".join(m.get("content", "") for m in x)
+
+
+def load_groups(path: str) -> list[dict]:
+    """Groups of the groupwise training format: {"prompt", "responses": [>= 2], "ranks" or "scores"}."""
+    groups = []
+    try:
+        f = open(path)
+    except OSError as e:
+        raise ConfigValueError(f"config.rewardbench.groups={path!r}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                g = json.loads(line)
+                ok = (isinstance(g, dict) and "prompt" in g and isinstance(g.get("responses"), list)
+                      and len(g["responses"]) >= 2 and (("ranks" in g) != ("scores" in g))
+                      and len(g.get("ranks", g.get("scores", []))) == len(g["responses"]))
+            except json.JSONDecodeError as e:
+                raise ConfigValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not ok:
+                raise ConfigValueError(f"{path}:{n}: expected {{\"prompt\", \"responses\": [at least 2], and one of "
+                                       f"\"ranks\" (0 = best) or \"scores\", one per response}}")
+            groups.append(g)
+    if not groups:
+        raise ConfigValueError(f"{path}: no groups")
+    if len({"ranks" in g for g in groups}) > 1:
+        raise ConfigValueError(f"{path}: some groups have \"ranks\", others \"scores\": use one kind per file")
+    return groups
+
+
+def _rank_groups(config, policy, reference, tokenizer) -> dict:
+    groups = _limit(load_groups(config.rewardbench.groups), config.rewardbench.max_pairs)
+    prompts = [g["prompt"] for g in groups for _ in g["responses"]]
+    texts = [_text(r) for g in groups for r in g["responses"]]
+    if config.reward_model:
+        flat = _judge_scores(config, "reward_model", prompts, texts)
+    else:
+        lp = completion_sequence_logps(policy, tokenizer, prompts, texts, config.batch_size)
+        ref = completion_sequence_logps(reference, tokenizer, prompts, texts, config.batch_size) \
+            if reference is not None else None
+        flat = rewardbench.implicit_reward(lp, ref, config.rewardbench.beta)
+    scores, i = [], 0
+    for g in groups:
+        scores.append(list(flat[i:i + len(g["responses"])]))
+        i += len(g["responses"])
+    if "ranks" in groups[0]:
+        out = rewardbench.ranked_group_metrics(scores, ranks=[g["ranks"] for g in groups])
+    else:
+        out = rewardbench.ranked_group_metrics(scores, gold_scores=[g["scores"] for g in groups])
+    return {k: v for k, v in out.items() if not isinstance(v, list)}
 
 
 def _compare_prompts(config) -> list:

@@ -128,7 +128,8 @@ print("RESULT", json.dumps({"process": jax.process_index(), "metrics": out, "row
 """
 
 # Timing metrics, different in every run.
-_TIMING = ("rollout_seconds", "tokens_per_second", "eps")
+_TIMING = ("rollout_seconds", "tokens_per_second", "eps", "step_seconds", "timing/sampling_seconds",
+           "timing/scoring_seconds", "timing/logps_seconds", "timing/update_seconds")
 
 
 def _start_workers(nproc, tmp_path, env):

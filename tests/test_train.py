@@ -140,3 +140,36 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     interrupt_and_check(proc, wd, signal.SIGTERM, 0)  # preempted: state and log agree on the last step
 
+
+
+def test_step_time_and_throughput_measure_one_step(tmp_path, monkeypatch):
+    """Every step made to last >= 0.25 s on the host (a sleep after dispatching it): the logged step_seconds is one
+    step's time (not two, as when the clock started an iteration early) and tokens_per_second = tokens / it."""
+    import time
+
+    import align_jax.train.loop as loop
+
+    real = loop.jit_train_step
+
+    def slow_step(**kw):
+        step = real(**kw)
+
+        def run(*args):
+            out = step(*args)
+            time.sleep(0.25)
+            return out
+
+        return run
+
+    monkeypatch.setattr(loop, "jit_train_step", slow_step)
+    c = load_config("sft", "tiny", **{"total_steps": 6, "checkpoint.every_steps": 6, "export": False,
+                                      "data.eval": "", "eval_generation": 0})
+    train(c, str(tmp_path))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    # step 1 includes the compile, step 2 waits for step 1's first execution
+    rows = [r for r in rows if "step_seconds" in r and r["step"] >= 3]
+    assert len(rows) == 4
+    for r in rows:
+        assert 0.25 <= r["step_seconds"] < 0.45, r
+        tokens = r["tokens_per_second"] * r["step_seconds"]
+        assert abs(tokens - round(tokens)) < 1e-3 and tokens > 0  # a whole number of real tokens per step

@@ -308,6 +308,7 @@ class PPORollout(BlockRollout):
         """Samples and scores this process's prompts (one global computation over every process's rows); returns
         the whole rollout gathered from every process (`select` cuts each step's minibatch out of it) and the
         rollout metrics over all of it."""
+        jax.block_until_ready(params)  # the previous update: not part of this rollout's time
         t0 = time.perf_counter()
         ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
                                                  np.asarray(prompts["prompt_mask"]), self.P, self.pad)
@@ -317,6 +318,7 @@ class PPORollout(BlockRollout):
                            rng=jax.random.fold_in(jax.random.key(self.config.seed), step))
         comp_ids = local_rows(out.completion_ids, self.mesh).astype(np.int32)
         comp_mask = local_rows(out.completion_mask, self.mesh).astype(np.int32)
+        t_sampled = time.perf_counter()
         ids = np.concatenate([ids_BxP, comp_ids], 1)
         attn = np.concatenate([mask_BxP, comp_mask], 1)
         dev = to_device({"ids": ids, "attn": attn, "cids": comp_ids, "cmask": comp_mask}, self.mesh)
@@ -352,7 +354,9 @@ class PPORollout(BlockRollout):
              "val/num_eos_tokens": float(num_eos_R.sum()),
              "completions/mean_length": float(lengths_R.mean()),
              "completions/clipped_ratio": float(1.0 - contain_eos_R.mean()),
-             "episode": float(episode), "eps": float(eps), "rollout_seconds": dt}
+             "episode": float(episode), "eps": float(eps), "rollout_seconds": dt,
+             "timing/sampling_seconds": t_sampled - t0,
+             "timing/scoring_seconds": now - t_sampled}  # reward model, values, pi_old and pi_ref log-probs
         texts = self.tokenizer.batch_decode([r[:n].tolist() for r, n in zip(comp_ids, lengths)],
                                             skip_special_tokens=True)
         rows = batch_rows(B, self.mesh)

@@ -402,6 +402,7 @@ class GroupRollout(BlockRollout):
         return local_rows(out, self.mesh).astype(np.float32)
 
     def rollout(self, params, prompts: dict, step: int):
+        jax.block_until_ready(params)  # the previous update: not part of this rollout's time
         t0 = time.perf_counter()
         g, G, N = self.g, self.G, self.N
         ids_BxP, mask_BxP = fixed_prompt_bucket(np.asarray(prompts["prompt_ids"]),
@@ -413,6 +414,7 @@ class GroupRollout(BlockRollout):
                                                                                   step))
         comp_ids = local_rows(out.completion_ids, self.mesh).astype(np.int32)
         comp_mask = local_rows(out.completion_mask, self.mesh).astype(np.int32)
+        t_sampled = time.perf_counter()
         R = B * G
         prompt_rows, self.rows = batch_rows(dev["ids"].shape[0], self.mesh), batch_rows(out.completion_ids.shape[0],
                                                                                          self.mesh)
@@ -433,6 +435,7 @@ class GroupRollout(BlockRollout):
                                    completion_ids=completion_ids, max_completion_length=N, **columns)
         total = self.gather(scored.total)  # every process's rewards: batch statistics, metrics
         self.check_failures(scored, total, step)
+        t_scored = time.perf_counter()
 
         batch = training_batch(ids_BxP, mask_BxP, comp_ids, comp_mask, np.zeros((R,), np.float32), eos_id=self.eos,
                                mask_truncated=g.mask_truncated_completions,
@@ -450,6 +453,7 @@ class GroupRollout(BlockRollout):
         if self.ref_params is not None:
             ref = self.forward(self.ref_graphdef, self.ref_params, self.ref_rest, ids, attn)
             batch["ref_logps"] = ref
+        t_logps = time.perf_counter()
         adv, extra = self.advantages(scored.total, batch, old, ref)
         batch["advantages"] = np.asarray(adv, np.float32)
 
@@ -477,6 +481,9 @@ class GroupRollout(BlockRollout):
                                                    else 0.0)
         m.update(extra)
         m["rollout_seconds"] = time.perf_counter() - t0
+        m["timing/sampling_seconds"] = t_sampled - t0
+        m["timing/scoring_seconds"] = t_scored - t_sampled
+        m["timing/logps_seconds"] = t_logps - t_scored  # pi_old and pi_ref log-probs
 
         adv = batch["advantages"]
         self.last = {"step": step, "prompts": prompt_text, "completions": texts, "completion_ids": completion_ids,

@@ -227,17 +227,24 @@ def train(config, workdir: str) -> dict:
 
     old_handler = signal.signal(signal.SIGTERM, on_signal)
     old_int_handler = signal.signal(signal.SIGINT, on_signal)
-    pending = None  # (step, metrics on device, tokens, t0): read one step late
+    pending = None  # (step, metrics on device, tokens, time the step's iteration began): read one step late
     last = {}
     zero_grad = ZeroGradWatch(ZERO_GRAD_STEPS)
     finite_fn = jax.jit(all_finite)
 
-    def flush(p):
+    def flush(p, t_next=None):
+        """Logs pending step `p`; `t_next`: when the next step's iteration began (None: it has not)."""
         nonlocal last
-        step, metrics, n_tokens, t0 = p
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = time.perf_counter() - t0
+        step, metrics, n_tokens, t_begin = p
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step to finish
+        # The step's wall time: from the start of its iteration to the start of the next one (the loop runs one
+        # iteration per step, paced by the device: each iteration waits for the step before), or to now, when the
+        # step is read before the next iteration (eval, checkpoint, the last step), now that it has finished.
+        dt = (t_next if t_next is not None else time.perf_counter()) - t_begin
+        m["step_seconds"] = dt
         m["tokens_per_second"] = n_tokens / max(dt, 1e-9)
+        if "rollout_seconds" in m:  # online: the rest of the step is the update (and the host work around it)
+            m["timing/update_seconds"] = max(dt - m["rollout_seconds"], 0.0)
         m["skipped_examples"] = float(data.num_skipped)
         m["truncated_examples"] = float(getattr(data.skips, "num_truncated", 0))
         writer.write(step, m, tensorboard=(step % config.log_every == 0 or step == config.total_steps))
@@ -269,8 +276,8 @@ def train(config, workdir: str) -> dict:
                                          tokenizer=tokenizer, mesh=mesh, workdir=workdir) \
             if algorithm.make_rollout else None
         step = start_step
-        t_prev = time.perf_counter()
         while step < config.total_steps:
+            t_begin = time.perf_counter()
             rollout_metrics = {}
             if rollout is not None:
                 batch, rollout_metrics = rollout(state["params"], lambda: next(train_iter), step)
@@ -288,10 +295,8 @@ def train(config, workdir: str) -> dict:
             state, metrics = step_fn(state, dev_batch, ref_params)
             step += 1
             if pending is not None:
-                flush(pending)
-            now = time.perf_counter()
-            pending = (step, {**metrics, **rollout_metrics}, n_tokens, t_prev)
-            t_prev = now
+                flush(pending, t_next=t_begin)
+            pending = (step, {**metrics, **rollout_metrics}, n_tokens, t_begin)
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 flush(pending)
                 pending = None

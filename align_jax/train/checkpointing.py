@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Keys a restarted run may change (the user passes them explicitly): they change how long the run goes, what it
 # logs and where it reads cached data, not what the checkpointed state means.
 SAFE_TO_CHANGE = ("total_steps", "num_epochs", "log_every", "eval_every", "eval_batches", "eval_generation",
+                  "eval_suites", "eval_suites_max_prompts",
                   "progress_bar", "export", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
                   "data.data_dir", "data.toy_dir", "mesh.data", "mesh.fsdp", "mesh.tensor")
 FREE_FORM = ("loss.kwargs.", "rewards.kwargs.")  # option dicts: a key present on one side only is a change
@@ -149,6 +150,36 @@ class Checkpointer:
             f"The config changed (model.init_from, or <workdir>/config.json edited or removed): run with the config "
             f"that wrote the checkpoint, or use a new --workdir")
 
+    def _data_state_from_other_process_count(self, step: int) -> dict | None:
+        """The data iterator's state for this process when checkpoint `step` was saved by another number of
+        processes (Grain keeps one `process_<i>-of-<n>.json` per process and finds none for this count), else
+        None (Grain restores it). The training stream gives each of n processes its block of every global batch
+        (`align_jax.data.pipeline._batch_block`), so every process is at the same local index, steps x
+        batch_size / n: the same place of the global stream is index x m / n on n processes. CheckpointError when
+        the saved state is not such a position (e.g. packed SFT rows), rather than resuming elsewhere."""
+        directory = os.path.join(self.directory, str(step), "data")
+        i, n = jax.process_index(), jax.process_count()
+        try:
+            files = [f for f in os.listdir(directory) if f.startswith("process_") and f.endswith(".json")]
+            if not files or f"process_{i}-of-{n}.json" in files:
+                return None
+            m = int(files[0].removesuffix(".json").rpartition("-of-")[2])
+            states = []
+            for f in files:
+                with open(os.path.join(directory, f)) as fh:
+                    states.append(json.load(fh))
+        except (OSError, ValueError):
+            return None  # unreadable: Grain's restore reports it (a damaged checkpoint)
+        index = states[0].get("next_index") if isinstance(states[0], dict) else None
+        if (not isinstance(index, int) or set(states[0]) != {"next_index"} or len(files) != m
+                or any(s != states[0] for s in states) or index * m % n):
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(step))} was saved by {m} processes and its data "
+                f"iterator's position cannot be carried over to {n} processes; resume this run with {m} processes "
+                f"(the mesh may change), or use a new --workdir")
+        log.info("checkpoint %d was saved by %d processes: data iterator moved to this run's %d", step, m, n)
+        return {"next_index": index * m // n}
+
     def restore_latest(self, state, data_iter):
         """(state, step) from the latest readable checkpoint, restored straight into `state`'s shardings, with the
         data iterator moved to where it was; None when there is no checkpoint. A checkpoint that cannot be read is
@@ -168,9 +199,16 @@ class Checkpointer:
             if metadata is not None:
                 self._check_shapes(step, metadata, state)
             if error is None:
+                moved = self._data_state_from_other_process_count(step)
                 try:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
+                    if moved is None:
+                        restored = self.manager.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract),
+                            data=grain.checkpoint.CheckpointRestore(data_iter)))
+                    else:
+                        restored = self.manager.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract)))
+                        data_iter.set_state(moved)
                     break
                 except Exception as e:  # noqa: BLE001 — truncated / garbage files: TensorStore, JSON, OS errors
                     error = e

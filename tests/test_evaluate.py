@@ -74,7 +74,7 @@ def test_every_suite_through_the_cli_policy_against_itself(dirs, tmp_path):
 
 def test_implicit_reward_is_zero_against_itself_and_signed_by_the_reference(dirs, tmp_path):
     from align_jax.evaluation import suites
-    from configs.evaluate import get_config
+    from align_jax.evaluation.suites import default_config as get_config
 
     groups = tmp_path / "groups.jsonl"
     groups.write_text("\n".join(json.dumps(g) for g in [
@@ -149,7 +149,7 @@ def test_training_runs_the_suites_and_its_workdir_evaluates(tmp_path):
     assert m["eval/rewardbench/num_pairs"] == 4
     assert "eval/compare/kl/k3_mean" in m and m["eval/compare/kl/k3_mean"] >= 0.0
     from align_jax.evaluation import suites
-    from configs.evaluate import get_config
+    from align_jax.evaluation.suites import default_config as get_config
 
     e = get_config()
     e.model, e.suites, e.ifeval.max_prompts, e.batch_size = wd, "ifeval", 4, c.eval_batch_size

@@ -2,8 +2,9 @@
 
 `load_pretrained` maps each safetensors tensor to its parameter (transposing torch's [out, in] Linear layout
 into our [in, ..., out] layout) and places it straight into its sharding with
-`jax.make_array_from_callback`: every device receives only its own slice, read from the memory-mapped file,
-so no device ever holds an unsharded copy. `save_pretrained` writes the inverse mapping, so that
+`jax.make_array_from_callback`: every device receives only its own slice, and only that slice is read from the
+file (`_read_slice`: the slice of our layout mapped back to a block of the stored tensor), so with several
+processes each reads only what its devices hold, and no device or host ever holds an unsharded copy. `save_pretrained` writes the inverse mapping, so that
 transformers and vLLM load the result and load -> save -> load is bit-exact.
 """
 
@@ -77,6 +78,60 @@ def hf_key_map(c: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
         m[L + ("input_norm", "weight")] = (p + "input_layernorm.weight", ident, ident)
         m[L + ("post_attn_norm", "weight")] = (p + "post_attention_layernorm.weight", ident, ident)
     return m
+
+
+def _layouts(c: ModelConfig) -> dict[tuple, tuple[str, int]]:
+    """Our parameter path -> how our layout derives from the stored tensor, for reading slices (`_read_slice`):
+    "id" (same), "T" ([out, in] -> [in, out]), "T_split" ([h*E, D] -> [D, h, E]), "T_merge" ([D, H*E] ->
+    [H, E, D]), "split" ([h*E] -> [h, E]), with h the heads of that split."""
+    H, K = c.num_attention_heads, c.num_key_value_heads
+    out = {}
+    for pth, (name, _, _) in hf_key_map(c).items():
+        leaf = pth[-1]
+        if pth == ("lm_head",) or (len(pth) == 4 and pth[2] == "mlp" and leaf in ("gate", "up", "down")):
+            out[pth] = ("T", 0)
+        elif len(pth) == 4 and pth[2] == "attn" and leaf in ("q", "k", "v"):
+            out[pth] = ("T_split", H if leaf == "q" else K)
+        elif len(pth) == 4 and pth[2] == "attn" and leaf == "o":
+            out[pth] = ("T_merge", H)
+        elif len(pth) == 4 and pth[2] == "attn" and leaf in ("q_bias", "k_bias", "v_bias"):
+            out[pth] = ("split", H if leaf == "q_bias" else K)
+        else:
+            out[pth] = ("id", 0)
+    return out
+
+
+def _stored_shape(layout: tuple[str, int], shape: tuple) -> tuple:
+    """The shape of the stored tensor that our `shape` derives from under `layout` (see `_layouts`)."""
+    kind, _ = layout
+    return {"id": lambda: tuple(shape), "T": lambda: (shape[1], shape[0]),
+            "T_split": lambda: (shape[1] * shape[2], shape[0]), "T_merge": lambda: (shape[2], shape[0] * shape[1]),
+            "split": lambda: (shape[0] * shape[1],)}[kind]()
+
+
+def _read_slice(handle, name: str, layout: tuple[str, int], shape: tuple, idx: tuple) -> np.ndarray:
+    """Block `idx` (slices of our layout `shape`) of stored tensor `name`, reading only that block of it
+    (safetensors' `get_slice`)."""
+    kind, _ = layout
+    r = [range(*s.indices(n)) for s, n in zip(idx, shape)]
+    sl = [slice(x.start, x.stop) for x in r]
+    src = handle.get_slice(name)
+    if kind == "id":
+        return np.asarray(src[tuple(sl)])
+    if kind == "T":
+        return np.ascontiguousarray(np.asarray(src[sl[1], sl[0]]).T)
+    if kind == "split":  # [h*E] -> [h, E]; E (head_dim) is never split
+        E = shape[1]
+        return np.asarray(src[r[0].start * E:r[0].stop * E]).reshape(len(r[0]), E)[:, sl[1]]
+    if kind == "T_split":  # [h*E, D] -> [D, h, E]
+        E = shape[2]
+        block = np.asarray(src[r[1].start * E:r[1].stop * E, sl[0]])  # [h_len*E, d_len]
+        return np.ascontiguousarray(block.T.reshape(len(r[0]), len(r[1]), E)[:, :, sl[2]])
+    if kind == "T_merge":  # [D, H*E] -> [H, E, D]
+        E = shape[1]
+        block = np.asarray(src[sl[2], r[0].start * E:r[0].stop * E])  # [d_len, h_len*E]
+        return np.ascontiguousarray(block.T.reshape(len(r[0]), E, len(r[2]))[:, sl[1], :])
+    raise ValueError(kind)
 
 
 _REFETCH = "re-download the checkpoint or re-export it (e.g. with `save_pretrained`)"
@@ -206,6 +261,7 @@ def _load(path: str, config: ModelConfig, mesh, extra: tuple[str, ...] = ()) -> 
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     files = _tensor_files(path)
     key_map = hf_key_map(config)
+    layouts = _layouts(config)
     expected = {v[0] for v in key_map.values()}
     ignored = {k for k in files if k not in expected and k not in extra and not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
@@ -233,10 +289,18 @@ def _load(path: str, config: ModelConfig, mesh, extra: tuple[str, ...] = ()) -> 
                 fname = files[name]
                 if fname not in handles:
                     handles[fname] = safe_open(fname, framework="numpy")
-                host = _to_dtype(to_jax(handles[fname].get_tensor(name)), var.get_value().dtype)
-                if host.shape != var.get_value().shape:
-                    raise CheckpointError(f"{fname}: tensor {name!r} has shape {handles[fname].get_slice(name).get_shape()}"
-                                          f" but config.json implies {var.get_value().shape} (after layout change)")
+                shape, dtype = var.get_value().shape, var.get_value().dtype
+                stored = tuple(handles[fname].get_slice(name).get_shape())
+                implied = _stored_shape(layouts[pth], shape)
+                if stored != implied:
+                    raise CheckpointError(f"{fname}: tensor {name!r} has shape {list(stored)} but config.json "
+                                          f"implies {list(implied)}")
+                if sharding is not None:
+                    read = lambda idx, f=handles[fname], n=name, lay=layouts[pth], s=shape, d=dtype: _to_dtype(
+                        _read_slice(f, n, lay, s, idx), d)  # noqa: E731
+                    out.append((pth, var.replace(jax.make_array_from_callback(shape, sharding, read))))
+                    continue
+                host = _to_dtype(to_jax(handles[fname].get_tensor(name)), dtype)
             if sharding is not None:
                 arr = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
             else:

@@ -550,8 +550,7 @@ GRID = [
     ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full", 0, True),
     ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full", 0, True),
     ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 0, True),
-    ("llama3-70b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),  # does not fit ...
-    ("llama3-70b", "dpo", "v5e-256", (1, 64, 4), 64, 2048, "full", 0, True),
+    ("llama3-70b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),
 ]
 
 

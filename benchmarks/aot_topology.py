@@ -14,7 +14,7 @@ state_shardings` (AdamW's mu/nu take their parameter's sharding), the batch spli
     export JAX_PLATFORMS=cpu
     python benchmarks/aot_topology.py --model llama3-8b --algorithm dpo --slice v5p-64 --mesh 1,32,1 \
         --batch 64 --seq_len 2048 --remat full --step_time 10
-    python benchmarks/aot_topology.py --table --step_time 10  # the README's grid (about an hour on 2 cores)
+    python benchmarks/aot_topology.py --table --step_time 10  # the README's grid (~2 hours on 2 cores)
     python benchmarks/aot_topology.py --model tiny --slice cpu:8 --mesh 1,8,1 --batch 8 --seq_len 64   # no libtpu
 
 Printed per configuration (one table row): per-chip argument, temporary and peak bytes, from
@@ -545,9 +545,13 @@ GRID = [
     ("llama3-8b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full"),  # does not fit ...
     ("llama3-8b", "dpo", "v5e-256", (1, 128, 2), 256, 2048, "full"),  # ... tensor parallelism 2 fits
     ("llama3-8b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),  # ... and so does scanning
+    ("llama3-8b", "sft", "v6e-64", (1, 64, 1), 128, 2048, "full"),
     ("llama3-8b", "sft", "v6e-64", (1, 64, 1), 128, 2048, "full", 0, True),
+    ("llama3-8b", "reward_model", "v6e-64", (1, 64, 1), 64, 2048, "full"),
     ("llama3-8b", "reward_model", "v6e-64", (1, 64, 1), 64, 2048, "full", 0, True),
+    ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full"),
     ("llama3-8b", "grpo", "v5p-64", (1, 32, 1), 256, 1024, "full", 0, True),
+    ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full"),
     ("qwen3-8b", "dpo", "v6e-64", (1, 64, 1), 64, 2048, "full", 0, True),
     ("llama3-70b", "dpo", "v5p-64", (1, 32, 1), 32, 2048, "full", 0, True),
     ("llama3-70b", "dpo", "v5e-256", (1, 256, 1), 256, 2048, "full", 0, True),

@@ -161,13 +161,16 @@ def _comments(path: str) -> dict[str, str]:
     return out
 
 
-def describe(config, config_arg: str) -> str:
+def describe(config, config_arg: str, comment_source: str | None = None) -> str:
     """The resolved config as `key: value  # comment` lines (comments from config_base.py and the config file;
-    the config file's comment wins)."""
-    from align_jax.train import config_base
+    the config file's comment wins; `comment_source`: the one source file that holds the comments instead)."""
+    if comment_source:
+        comments = _comments(comment_source)
+    else:
+        from align_jax.train import config_base
 
-    comments = _comments(config_base.__file__)
-    comments.update(_comments(_split_arg(config_arg)[0]))
+        comments = _comments(config_base.__file__)
+        comments.update(_comments(_split_arg(config_arg)[0]))
     flat = flat_keys(config)
     width = max(len(f"{k}: {v!r}") for k, v in flat.items())
     lines = [f"# {config_arg}: set any key with --config.<key>=<value>"]

@@ -20,13 +20,15 @@ from align_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "evaluate.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Evaluation config (configs/evaluate.py[:tiny]);"
-                                          " override any key with --config.<key>=<value>.", lock_config=True)
+                                          " override any key with --config.<key>=<value>.", lock_config=False,
+                                          accept_new_attributes=True)  # unknown keys: checked below, one message
 _MODEL = flags.DEFINE_string("model", None, "The policy: a training workdir (its export/) or a Hugging Face "
                              "directory (= --config.model).")
 _REFERENCE = flags.DEFINE_string("reference", None, "The reference policy (= --config.reference).")
 _REWARD_MODEL = flags.DEFINE_string("reward_model", None, "A reward model export (= --config.reward_model).")
 _SUITE = flags.DEFINE_string("suite", None, "Comma-separated suites (= --config.suites).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for results.json and results.md.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for user errors, and the libraries' INFO logs.")
 
 
@@ -38,11 +40,17 @@ def main(argv):
     cli.console(verbose)
 
     def go():
+        cli.check_override_keys(flags.FLAGS["config"].config_filename, flags.FLAGS["config"].override_values)
         config = _CONFIG.value
         for key, flag in (("model", _MODEL), ("reference", _REFERENCE), ("reward_model", _REWARD_MODEL),
                           ("suites", _SUITE)):
             if flag.value is not None:
                 config[key] = flag.value
+        if _PRINT_CONFIG.value:
+            from align_jax.evaluation import suites
+
+            print(cli.describe(config, flags.FLAGS["config"].config_filename, comment_source=suites.__file__))
+            return
         if not _OUT.value:
             raise cli.UserError("--out is required: the directory for results.json and results.md")
         from align_jax.evaluation.suites import evaluate

@@ -123,6 +123,7 @@ def test_evaluation_logps_equal_the_trainers(dirs):
     (["--model=/nonexistent", "--suite=ifeval"], "config.model='/nonexistent': not a Hugging Face model directory"),
     (["--model=X", "--suite=ifeval,nope"], "config.suites='ifeval,nope': unknown ['nope']"),
     (["--suite=ifeval"], "suites ['ifeval'] evaluate a policy: set --model"),
+    (["--model=X", "--config.ifeval.max_prompt=1"], "--config.ifeval.max_prompt: the config has no key"),
 ])
 def test_bad_input_is_one_error_line(args, msg, tmp_path):
     p = _run(*args, f"--out={tmp_path}", check=False)

@@ -143,33 +143,39 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 
 
 def test_step_time_and_throughput_measure_one_step(tmp_path, monkeypatch):
-    """Every step made to last >= 0.25 s on the host (a sleep after dispatching it): the logged step_seconds is one
-    step's time (not two, as when the clock started an iteration early) and tokens_per_second = tokens / it."""
+    """Every step made to last >= 0.25 s on the device (a host callback that sleeps, run asynchronously after the
+    update, as device work is): the logged step_seconds is one step's time (not two, nor the host's dispatch
+    time) at every step, including the checkpoint and last ones, and tokens_per_second = tokens / it."""
     import time
+
+    import jax
 
     import align_jax.train.loop as loop
 
     real = loop.jit_train_step
 
+    def sleep(x):
+        time.sleep(0.25)
+        return x
+
+    @jax.jit
+    def after(state, metrics):  # waits 0.25 s on the device stream, then passes the step's outputs through
+        loss = jax.pure_callback(sleep, jax.ShapeDtypeStruct((), metrics["loss"].dtype), metrics["loss"])
+        return state, {**metrics, "loss": loss}
+
     def slow_step(**kw):
         step = real(**kw)
-
-        def run(*args):
-            out = step(*args)
-            time.sleep(0.25)
-            return out
-
-        return run
+        return lambda *args: after(*step(*args))
 
     monkeypatch.setattr(loop, "jit_train_step", slow_step)
-    c = load_config("sft", "tiny", **{"total_steps": 6, "checkpoint.every_steps": 6, "export": False,
-                                      "data.eval": "", "eval_generation": 0})
+    # eval_every=4: step 4 is read early (before the eval), step 5 starts after it
+    c = load_config("sft", "tiny", **{"total_steps": 8, "checkpoint.every_steps": 8, "export": False,
+                                      "eval_generation": 0, "eval_every": 4, "eval_batches": 1})
     train(c, str(tmp_path))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    # step 1 includes the compile, step 2 waits for step 1's first execution
-    rows = [r for r in rows if "step_seconds" in r and r["step"] >= 3]
-    assert len(rows) == 4
-    for r in rows:
+    rows = [r for r in rows if "step_seconds" in r and r["step"] >= 2]  # step 1 includes the compile
+    assert [r["step"] for r in rows] == list(range(2, 9))  # 4: an eval step; 5: the step after it; 8: the last
+    for r in rows:  # one step: the 0.25 s sleep + the step's own compute (two steps would be >= 0.5 s)
         assert 0.25 <= r["step_seconds"] < 0.45, r
         tokens = r["tokens_per_second"] * r["step_seconds"]
         assert abs(tokens - round(tokens)) < 1e-3 and tokens > 0  # a whole number of real tokens per step

@@ -301,6 +301,8 @@ class BlockRollout:
         if fresh:
             self.cache = (block, *self.rollout(params, next_batch(), step))
         _, full, metrics = self.cache
+        if not fresh:  # no sampling in this step: its time is all update
+            metrics = {k: (0.0 if k == "rollout_seconds" or k.startswith("timing/") else v) for k, v in metrics.items()}
         return self.select(full, block, i, fresh), metrics
 
     def rollout(self, params, prompts: dict, step: int):

@@ -228,19 +228,22 @@ def train(config, workdir: str) -> dict:
     old_handler = signal.signal(signal.SIGTERM, on_signal)
     old_int_handler = signal.signal(signal.SIGINT, on_signal)
     pending = None  # (step, metrics on device, tokens, time the step's iteration began): read one step late
+    last_done = [0.0]  # when the last flushed step was seen finished
     last = {}
     zero_grad = ZeroGradWatch(ZERO_GRAD_STEPS)
     finite_fn = jax.jit(all_finite)
 
-    def flush(p, t_next=None):
-        """Logs pending step `p`; `t_next`: when the next step's iteration began (None: it has not)."""
+    def flush(p):
+        """Logs pending step `p`."""
         nonlocal last
         step, metrics, n_tokens, t_begin = p
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step to finish
-        # The step's wall time: from the start of its iteration to the start of the next one (the loop runs one
-        # iteration per step, paced by the device: each iteration waits for the step before), or to now, when the
-        # step is read before the next iteration (eval, checkpoint, the last step), now that it has finished.
-        dt = (t_next if t_next is not None else time.perf_counter()) - t_begin
+        # The step's wall time: from when the step before it finished (or its own iteration began, if later:
+        # after an eval or a checkpoint) to when it finished. Dispatch is asynchronous, so this is the time the
+        # step adds to the run, whichever of the host and the device is the slower.
+        t_done = time.perf_counter()
+        dt = t_done - max(t_begin, last_done[0])
+        last_done[0] = t_done
         m["step_seconds"] = dt
         m["tokens_per_second"] = n_tokens / max(dt, 1e-9)
         if "rollout_seconds" in m:  # online: the rest of the step is the update (and the host work around it)
@@ -295,7 +298,7 @@ def train(config, workdir: str) -> dict:
             state, metrics = step_fn(state, dev_batch, ref_params)
             step += 1
             if pending is not None:
-                flush(pending, t_next=t_begin)
+                flush(pending)
             pending = (step, {**metrics, **rollout_metrics}, n_tokens, t_begin)
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 flush(pending)

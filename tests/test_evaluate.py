@@ -97,26 +97,35 @@ def test_implicit_reward_is_zero_against_itself_and_signed_by_the_reference(dirs
 
 
 def test_evaluation_logps_equal_the_trainers(dirs):
-    """The evaluation's log pi(y|x) (left-padded prompt + completion) equals the training pipeline's sequence
-    log-probability of the same (prompt, completion) row."""
+    """The evaluation's log pi(y|x) (left-padded prompt + right-padded completion, batched by length) equals the
+    log-probability of the chosen row that the DPO trainer's tokenizer (`tokenize_pairwise`) makes of the same
+    (prompt, chosen, rejected) record, conversational and plain text."""
+    from align_jax.data.tokenize import TokenizeConfig, tokenize_pairwise
     from align_jax.evaluation.suites import completion_sequence_logps
     from align_jax.models import load_pretrained
     from align_jax.models.logps import completion_token_logps
 
     tok = load_tokenizer()
     model = load_pretrained(dirs["policy"])
-    prompts = ["What is 2 + 3?", "Say hi."]
-    completions = ["5", "hi there"]
-    got = completion_sequence_logps(model, tok, prompts, completions, batch_size=4)
     trainer_logps = nnx.jit(lambda m, ids, cm: completion_token_logps(m, ids, jnp.ones_like(ids), cm, chunk_size=8192))
-    for p, c, g in zip(prompts, completions, got):
-        msgs = [{"role": "user", "content": p}]
-        p_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = jnp.asarray([list(p_ids) + c_ids], jnp.int32)
-        cm = jnp.asarray([[0] * len(p_ids) + [1] * len(c_ids)], jnp.int32)
-        lp, mask = trainer_logps(model, ids, cm)
-        np.testing.assert_allclose(g, float((lp * mask).sum()), rtol=1e-5)
+    cases = [([{"role": "user", "content": "What is 2 + 3?"}], "5", "6"),
+             ([{"role": "user", "content": "Say hi."}], "hi there", "no"),
+             ("What is 2 + 3?", " 5", " 7")]
+    for use_template in (True, False):
+        rows = [c for c in cases if use_template or isinstance(c[0], str)]
+        got = completion_sequence_logps(model, tok, [r[0] for r in rows], [r[1] for r in rows], batch_size=4,
+                                        use_template=use_template)
+        for (prompt, chosen, rejected), g in zip(rows, got):
+            if use_template and isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            conv = not isinstance(prompt, str)
+            enc = (lambda v: json.dumps([{"role": "assistant", "content": v}])) if conv else (lambda v: v)
+            ex = {"conversational": conv, "prompt": json.dumps(prompt) if conv else prompt, "chosen": enc(chosen),
+                  "rejected": enc(rejected), "chosen_prob": 1.0}
+            t = tokenize_pairwise(ex, tok, TokenizeConfig(max_length=256))
+            ids = jnp.asarray(t["chosen_input_ids"][None])
+            lp, mask = trainer_logps(model, ids, jnp.asarray(t["chosen_completion_mask"][None]))
+            np.testing.assert_allclose(g, float((lp * mask).sum()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -13,20 +13,27 @@ import jax
 import numpy as np
 from flax import nnx
 
+from align_jax.data.tokenize import tokenize_chat, tokenize_text
 from align_jax.models.logps import pair_token_logps, seq_logps
 from align_jax.sampling import Sampler
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
+    """As the trainers tokenize a prompt: text with the tokenizer's special tokens (e.g. BOS), a conversation
+    through the chat template with the generation prompt."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tokenize_text(tokenizer, prompt)
+    return tokenize_chat(tokenizer, prompt, add_generation_prompt=True)
 
 
 def generate_completions(model, tokenizer, prompts, *, batch_size: int = 64, max_new_tokens: int = 32,
-                         greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[str]:
-    """Completions (decoded without special tokens) for `prompts`, in order."""
+                         greedy: bool = True, temperature: float = 1.0, seed: int = 0,
+                         max_prompt_length: int | None = None) -> list[str]:
+    """Completions (decoded without special tokens) for `prompts`, in order; a prompt longer than
+    `max_prompt_length` tokens keeps its last ones."""
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if max_prompt_length:
+        ids = [x[-max_prompt_length:] for x in ids]
     P = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id

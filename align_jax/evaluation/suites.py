@@ -36,6 +36,7 @@ import ml_collections
 
 from align_jax.errors import ConfigValueError, SetupError
 from align_jax.evaluation import compare, ifeval, rewardbench, safety
+from align_jax.data.tokenize import prompt_and_completions, tokenize_chat, tokenize_text
 from align_jax.evaluation.policy import generate_completions
 from align_jax.models.logps import completion_logps_jit
 
@@ -61,6 +62,10 @@ def default_config(arg: str = ""):
     c.seed = 0  # sampling seed (compare's samples; generation when generation.greedy is False)
     c.dtype = "float32"  # parameter dtype the models are loaded in: float32 | bfloat16
     c.batch_size = 32  # prompts (or pairs) per generation / scoring batch: one compiled shape
+    # text prompts go through the tokenizer's chat template when it has one (chat models); False: as plain text
+    c.use_chat_template = True
+    c.max_prompt_length = 1024  # longer prompts keep their last tokens (counted as num_truncated_prompts)
+    c.max_completion_length = 1024  # scored completions (rewardbench, groups) keep their first tokens
 
     c.generation = ml_collections.ConfigDict()
     c.generation.max_new_tokens = 128
@@ -157,9 +162,10 @@ def load_tokenizer(config, fallback_dir: str):
         raise SetupError(f"cannot load a tokenizer from {path!r} ({e}); set config.tokenizer") from None
 
 
-def _chat(tokenizer, prompt):
-    """A text prompt as chat messages when the tokenizer has a chat template (instruction-tuned use)."""
-    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+def _chat(tokenizer, prompt, use_template: bool = True):
+    """A text prompt as chat messages when the tokenizer has a chat template (instruction-tuned use) and
+    `use_template` (`config.use_chat_template`)."""
+    if use_template and isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
         return [{"role": "user", "content": prompt}]
     return prompt
 
@@ -168,9 +174,9 @@ def _answers(policy, tokenizer, prompts, config, desc: str) -> list[str]:
     """Answers to `prompts`, `config.batch_size` at a time, all padded to the longest prompt: one compile."""
     g = config.generation
     log.info("%s: answering %d prompts (%d new tokens at most)", desc, len(prompts), g.max_new_tokens)
-    return generate_completions(policy, tokenizer, [_chat(tokenizer, p) for p in prompts],
+    return generate_completions(policy, tokenizer, [_chat(tokenizer, p, config.use_chat_template) for p in prompts],
                                 batch_size=config.batch_size, max_new_tokens=g.max_new_tokens, greedy=g.greedy,
-                                temperature=g.temperature, seed=config.seed)
+                                temperature=g.temperature, seed=config.seed, max_prompt_length=config.max_prompt_length)
 
 
 def _limit(xs, n: int):
@@ -187,38 +193,62 @@ def _bucket(n: int, base: int = 16) -> int:
     return b
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
-    prompt = _chat(tokenizer, prompt)
+def _prompt_ids(tokenizer, prompt, use_template: bool = True) -> list[int]:
+    """The prompt's tokens as the trainers tokenize a prompt (`data.tokenize`): a conversation through the chat
+    template with the generation prompt, text with the tokenizer's special tokens (e.g. BOS)."""
+    prompt = _chat(tokenizer, prompt, use_template)
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return tokenize_text(tokenizer, prompt)
+    return tokenize_chat(tokenizer, prompt, add_generation_prompt=True)
 
 
-def completion_sequence_logps(model, tokenizer, prompts, completions, batch_size: int) -> np.ndarray:
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each completion (text; EOS appended, as the trainers tokenize a
-    completion), rows as the sampler lays them out: left-padded prompt, then the completion right-padded.
-    Prompt and completion lengths are bucketed to powers of two (few compiles)."""
-    eos = tokenizer.eos_token_id
+def completion_sequence_logps(model, tokenizer, prompts, completions, batch_size: int, *, use_template: bool = True,
+                              max_prompt_length: int = 1024, max_completion_length: int = 1024,
+                              counts: dict | None = None) -> np.ndarray:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each text completion, tokenized as the preference trainers
+    tokenize a pair (`data.tokenize.prompt_and_completions`: the conversation prompt ⧺ assistant turn through the
+    chat template, or text ⧺ EOS), the prompt cut to its last `max_prompt_length` tokens and the completion to
+    its first `max_completion_length` (`counts` gets "truncated"). Rows as the sampler lays them out (left-padded
+    prompt, right-padded completion), sorted by length and batched with power-of-two buckets per batch."""
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        prompt = _chat(tokenizer, prompt, use_template)
+        conv = not isinstance(prompt, str)
+        comp = [{"role": "assistant", "content": completion}] if conv else completion
+        n, (full,) = prompt_and_completions(tokenizer, prompt, [comp], conv)
+        p, c = full[:n], full[n:]
+        if len(p) > max_prompt_length or len(c) > max_completion_length:
+            if counts is not None:
+                counts["truncated"] = counts.get("truncated", 0) + 1
+            p, c = p[len(p) - min(len(p), max_prompt_length):], c[:max_completion_length]
+        rows.append((p, c))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    p_ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-             for c in completions]
-    P, N = _bucket(max(map(len, p_ids))), _bucket(max(map(len, c_ids)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    out = []
-    for s in range(0, len(p_ids), batch_size):
-        rows = list(range(s, min(s + batch_size, len(p_ids))))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    out = np.zeros(len(rows), np.float64)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        P, N = _bucket(max(len(rows[i][0]) for i in idx)), _bucket(max(len(rows[i][1]) for i in idx))
         ids = np.full((batch_size, P + N), pad, np.int32)
         attn = np.zeros((batch_size, P + N), np.int32)
-        cmask = np.zeros((batch_size, N), np.float32)
-        for r, i in enumerate(rows):
-            p, c = p_ids[i], c_ids[i]
+        cmask = np.zeros((batch_size, N), np.float64)
+        for r, i in enumerate(idx):
+            p, c = rows[i]
             ids[r, P - len(p):P], attn[r, P - len(p):P] = p, 1
             ids[r, P:P + len(c)], attn[r, P:P + len(c)], cmask[r, :len(c)] = c, 1, 1
-        lp = completion_logps_jit(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attn),
-                                  num_completion_tokens=N, temperature=1.0, chunk_size=CHUNK)
-        out.append((np.asarray(lp, np.float64) * cmask).sum(-1)[:len(rows)])
-    return np.concatenate(out)
+        lp = completion_logps_jit(graphdef, params, rest, ids, attn, num_completion_tokens=N, temperature=1.0,
+                                  chunk_size=CHUNK)  # host inputs: the same rows on every process
+        out[idx] = (np.asarray(lp, np.float64) * cmask).sum(-1)[:len(idx)]
+    return out
+
+
+def _seq_logps(config, model, tokenizer, prompts, texts, counts):
+    return completion_sequence_logps(model, tokenizer, prompts, texts, config.batch_size,
+                                     use_template=config.use_chat_template, max_prompt_length=config.max_prompt_length,
+                                     max_completion_length=config.max_completion_length, counts=counts)
+
+
+_JUDGES: dict = {}  # loaded reward models, by path: one load per evaluation
 
 
 def _judge_scores(config, judge: str, prompts, completions) -> np.ndarray:
@@ -228,8 +258,11 @@ def _judge_scores(config, judge: str, prompts, completions) -> np.ndarray:
 
         if not config.reward_model:
             raise ConfigValueError("the judge is 'reward_model' but config.reward_model is empty")
-        fn = RewardModelReward(model_dir(config.reward_model, "reward_model"), batch_size=config.batch_size,
-                               dtype=config.dtype)
+        path = model_dir(config.reward_model, "reward_model")
+        if path not in _JUDGES:
+            _JUDGES[path] = RewardModelReward(path, batch_size=config.batch_size, dtype=config.dtype,
+                                              max_length=config.max_prompt_length + config.max_completion_length)
+        fn = _JUDGES[path]
     elif judge.startswith("reward:"):
         from align_jax.rl.rewards import get_reward_function
 
@@ -261,10 +294,15 @@ def run_safety(config, policy, tokenizer) -> dict:
         raise ConfigValueError(f"config.safety.judge={judge!r}: expected 'refusal_phrases' or "
                                "'reward:<reward function name>'")
 
-    def refused(texts):  # the judge's score >= threshold means "refused"
-        return [bool(x >= config.safety.threshold) for x in _judge_scores(config, judge, prompts, texts)]
+    scores = _judge_scores(config, judge, prompts, responses)
+    keep = [i for i, x in enumerate(scores) if np.isfinite(x)]  # a failed score is left out, and counted
 
-    return safety.score(records, responses, judge=refused, batched=True)
+    def refused(texts):  # the judge's score >= threshold means "refused"
+        return [bool(scores[i] >= config.safety.threshold) for i in keep]
+
+    out = safety.score([records[i] for i in keep], [responses[i] for i in keep], judge=refused, batched=True)
+    out["num_unscored"] = len(records) - len(keep)
+    return out
 
 
 def run_rewardbench(config, policy, reference, tokenizer) -> dict:
@@ -277,9 +315,10 @@ def run_rewardbench(config, policy, reference, tokenizer) -> dict:
         rejected = _judge_scores(config, "reward_model", prompts, [p["rejected"] for p in pairs])
         scorer = "reward_model"
     elif policy is not None:
-        lp = {k: completion_sequence_logps(policy, tokenizer, prompts, [p[k] for p in pairs], config.batch_size)
+        counts = {}
+        lp = {k: _seq_logps(config, policy, tokenizer, prompts, [p[k] for p in pairs], counts)
               for k in ("chosen", "rejected")}
-        ref = {k: completion_sequence_logps(reference, tokenizer, prompts, [p[k] for p in pairs], config.batch_size)
+        ref = {k: _seq_logps(config, reference, tokenizer, prompts, [p[k] for p in pairs], None)
                for k in ("chosen", "rejected")} if reference is not None else {"chosen": None, "rejected": None}
         beta = config.rewardbench.beta
         chosen = rewardbench.implicit_reward(lp["chosen"], ref["chosen"], beta)
@@ -289,6 +328,8 @@ def run_rewardbench(config, policy, reference, tokenizer) -> dict:
         raise ConfigValueError("suite rewardbench needs config.reward_model or config.model")
     out = rewardbench.pairwise_accuracy(chosen, rejected, subsets)
     out["scorer"] = scorer
+    if scorer != "reward_model":
+        out["num_truncated_sequences"] = counts.get("truncated", 0)
     if config.rewardbench.groups:
         out["groups"] = _rank_groups(config, policy, reference, tokenizer)
     return out
@@ -335,9 +376,8 @@ def _rank_groups(config, policy, reference, tokenizer) -> dict:
     if config.reward_model:
         flat = _judge_scores(config, "reward_model", prompts, texts)
     else:
-        lp = completion_sequence_logps(policy, tokenizer, prompts, texts, config.batch_size)
-        ref = completion_sequence_logps(reference, tokenizer, prompts, texts, config.batch_size) \
-            if reference is not None else None
+        lp = _seq_logps(config, policy, tokenizer, prompts, texts, None)
+        ref = _seq_logps(config, reference, tokenizer, prompts, texts, None) if reference is not None else None
         flat = rewardbench.implicit_reward(lp, ref, config.rewardbench.beta)
     scores, i = [], 0
     for g in groups:
@@ -370,8 +410,8 @@ def _compare_prompts(config) -> list:
 
 def sampled_logps(policy, reference, prompt_ids, *, num_samples: int, max_new_tokens: int, batch_size: int,
                   eos_ids=(), pad_id: int = 0, seed: int = 0):
-    """Completions y ~ π (temperature 1, `num_samples` per prompt) and their per-token log-probs under π (the
-    sampler's raw-model log-probs) and under π_ref (a forward of the reference on prompt ⧺ y), with the mask of
+    """Completions y ~ π (temperature 1, `num_samples` per prompt) and their per-token log-probs under π and π_ref
+    (the same full forward of each model on prompt ⧺ y, so that π = π_ref gives exactly 0), with the mask of
     the generated tokens: three [R, N] float64 arrays, R = len(prompt_ids) * num_samples (prompt b: rows b*G ..
     b*G + G - 1). Prompts are left-padded to one power-of-two length and run `batch_size` at a time."""
     from align_jax.sampling import Sampler
@@ -381,6 +421,7 @@ def sampled_logps(policy, reference, prompt_ids, *, num_samples: int, max_new_to
                       pad_id=pad_id)
     P = _bucket(max(map(len, prompt_ids)))
     graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
+    pi_graphdef, pi_params, pi_rest = nnx.split(policy, nnx.Param, ...)
     lp_pi, lp_ref, masks = [], [], []
     for s in tqdm(range(0, len(prompt_ids), bs), desc="compare", disable=len(prompt_ids) <= bs):
         chunk = prompt_ids[s:s + bs]
@@ -396,8 +437,10 @@ def sampled_logps(policy, reference, prompt_ids, *, num_samples: int, max_new_to
         fmask = jnp.concatenate([res.prompt_mask, res.completion_mask], axis=1)
         ref_lp = completion_logps_jit(graphdef, params, rest, full, fmask, num_completion_tokens=cm.shape[1],
                                       temperature=1.0, chunk_size=CHUNK)
+        pi_lp = completion_logps_jit(pi_graphdef, pi_params, pi_rest, full, fmask, num_completion_tokens=cm.shape[1],
+                                     temperature=1.0, chunk_size=CHUNK)
         keep = n * G  # rows of real prompts
-        lp_pi.append(np.asarray(res.model_logps)[:keep])
+        lp_pi.append(np.asarray(pi_lp)[:keep])
         lp_ref.append(np.asarray(ref_lp)[:keep])
         masks.append(cm[:keep])
     return tuple(np.concatenate(x).astype(np.float64) for x in (lp_pi, lp_ref, masks))
@@ -409,7 +452,8 @@ def run_compare(config, policy, reference, tokenizer) -> dict:
     prompts = _compare_prompts(config)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lp_pi, lp_ref, mask = sampled_logps(policy, reference, [_prompt_ids(tokenizer, p) for p in prompts],
+    ids = [_prompt_ids(tokenizer, p, config.use_chat_template)[-config.max_prompt_length:] for p in prompts]
+    lp_pi, lp_ref, mask = sampled_logps(policy, reference, ids,
                                         num_samples=config.compare.num_samples,
                                         max_new_tokens=config.generation.max_new_tokens, batch_size=config.batch_size,
                                         eos_ids=(eos,) if eos is not None else (), pad_id=pad, seed=config.seed)
@@ -424,10 +468,15 @@ def run_compare(config, policy, reference, tokenizer) -> dict:
         a = _answers(policy, tokenizer, prompts, config, "compare: policy answers")
         b = _answers(reference, tokenizer, prompts, config, "compare: reference answers")
         ra, rb = _judge_scores(config, judge, prompts, a), _judge_scores(config, judge, prompts, b)
+        ok = np.isfinite(ra) & np.isfinite(rb)  # a pair with a failed score is left out, and counted
+        ra, rb = ra[ok], rb[ok]
         pref = np.where(ra > rb, 1.0, np.where(ra < rb, 0.0, 0.5))
-        len_a = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in a], np.float64)
-        len_b = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in b], np.float64)
+        len_a = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x, k in zip(a, ok) if k],
+                           np.float64)
+        len_b = np.asarray([len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x, k in zip(b, ok) if k],
+                           np.float64)
         out["judge"] = judge
+        out["num_unscored"] = int((~ok).sum())
         out["reward_policy"] = float(np.nanmean(ra))
         out["reward_reference"] = float(np.nanmean(rb))
         out["win_rate"] = compare.win_rate(pref)
@@ -440,8 +489,13 @@ def run_toy(config, policy, tokenizer, out_dir: str) -> dict:
     from align_jax.data.toy.datasets import generate, read_jsonl
 
     toy_dir = os.path.join(out_dir, "toy_data")
-    if not os.path.exists(os.path.join(toy_dir, "eval_prompts.jsonl")):  # each file has its own random stream:
-        generate(toy_dir, n_sft=0, n_pairs=0, n_groups=0, n_prompts=0, n_eval_pairs=0)  # the held-out prompts only
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(toy_dir, "eval_prompts.jsonl")):
+        # each file has its own random stream: the held-out prompts alone are the same as in the full set
+        generate(toy_dir, n_sft=0, n_pairs=0, n_groups=0, n_prompts=0, n_eval_pairs=0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("align_jax_eval_toy_data")
     prompts = _limit([r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))],
                      config.toy.max_prompts)
     completions = _answers(policy, tokenizer, prompts, config, "toy")
@@ -484,6 +538,31 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _finite(x):
+    """`x` with non-finite floats as None (strict JSON: null), e.g. an infinite LC-win-rate coefficient."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    out = {}
+    for name in ("align-jax", "jax", "jaxlib", "flax", "transformers"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -521,7 +600,8 @@ def scalars(results: dict, prefix: str = "eval/") -> dict:
     for k, v in _flat(results).items():
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)) or v is None:
             continue
-        out[prefix + k] = float(v)
+        if np.isfinite(v):
+            out[prefix + k] = float(v)
     return out
 
 
@@ -558,8 +638,9 @@ def evaluate(config, out_dir: str) -> dict:
     results = {"model": config.model, "reference": config.reference, "reward_model": config.reward_model,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "config": config.to_dict(), "suites": suite_results, "seconds": seconds}
+    results["versions"] = _versions()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True, default=float)
+        json.dump(_finite(results), f, indent=1, sort_keys=True, default=float, allow_nan=False)
     md = markdown(results)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)

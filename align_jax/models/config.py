@@ -88,7 +88,8 @@ class ModelConfig:
     remat_policy: str = "none"
     # Run the decoder layers as one `lax.scan` over their stacked weights (a loop whose body is one layer)
     # instead of unrolled Python code: the same numbers, a compile that does not grow with depth, and
-    # rematerialised layers that the compiler cannot schedule ahead of their backward pass.
+    # rematerialised layers that the compiler cannot schedule ahead of their backward pass. The stacked weights
+    # (and their gradients) are one extra sharded copy of the layers per step; only Param state is scanned.
     scan_layers: bool = False
     # The original config.json, written back by `save_pretrained`.
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)

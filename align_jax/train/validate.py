@@ -57,6 +57,18 @@ def validate_config(config) -> None:
         bad("reference.precompute", f"not available for algorithm {config.algorithm!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16")
+    if config.eval_suites:
+        from align_jax.evaluation.suites import SUITES
+
+        unknown = [x for x in config.eval_suites.split(",") if x.strip() not in SUITES]
+        if unknown:
+            bad("eval_suites", f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+        if algo.scalar_head:
+            bad("eval_suites", "the suites evaluate a policy; a reward model is evaluated by data.eval (or "
+                               "`python -m align_jax.evaluate --reward_model=...` after training)")
+        for key in ("eval_suites_max_prompts", "eval_suites_max_new_tokens"):
+            if not isinstance(config[key], int) or config[key] <= 0:
+                bad(key, f"must be a positive integer, got {config[key]!r}")
     _check_toy_defaults(config, algo, bad)
     if algo.validate is not None:
         algo.validate(config)

@@ -296,8 +296,14 @@ def _load(path: str, config: ModelConfig, mesh, extra: tuple[str, ...] = ()) -> 
                     raise CheckpointError(f"{fname}: tensor {name!r} has shape {list(stored)} but config.json "
                                           f"implies {list(implied)}")
                 if sharding is not None:
-                    read = lambda idx, f=handles[fname], n=name, lay=layouts[pth], s=shape, d=dtype: _to_dtype(
-                        _read_slice(f, n, lay, s, idx), d)  # noqa: E731
+                    blocks = {}  # a block several local devices hold (replicated axes) is read once
+
+                    def read(idx, f=handles[fname], n=name, lay=layouts[pth], s=shape, d=dtype, blocks=blocks):
+                        key = tuple(sl.indices(k)[:2] for sl, k in zip(idx, s))
+                        if key not in blocks:
+                            blocks[key] = _to_dtype(_read_slice(f, n, lay, s, idx), d)
+                        return blocks[key]
+
                     out.append((pth, var.replace(jax.make_array_from_callback(shape, sharding, read))))
                     continue
                 host = _to_dtype(to_jax(handles[fname].get_tensor(name)), dtype)

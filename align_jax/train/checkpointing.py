@@ -164,6 +164,8 @@ class Checkpointer:
             if not files or f"process_{i}-of-{n}.json" in files:
                 return None
             m = int(files[0].removesuffix(".json").rpartition("-of-")[2])
+            if m == n:
+                return None  # same process count, this process's file missing: Grain's restore reports the damage
             states = []
             for f in files:
                 with open(os.path.join(directory, f)) as fh:

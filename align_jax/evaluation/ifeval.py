@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from align_jax.errors import UserError
+from align_jax.evaluation.records import FieldAccess, responses_for
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +448,7 @@ def check(instruction_id: str, response: str, kwargs: Mapping[str, Any] | None =
 
 
 @dataclasses.dataclass(frozen=True)
-class IFEvalPrompt:
+class IFEvalPrompt(FieldAccess):
     """One IFEval prompt; `kwargs[i]` (None values removed, validated) goes with `instruction_id_list[i]`."""
     key: int
     prompt: str
@@ -582,22 +583,7 @@ def _as_records(records) -> list[IFEvalPrompt]:
 
 
 def _responses_for(records: list[IFEvalPrompt], responses) -> list[str]:
-    if isinstance(responses, Mapping):
-        missing = [r.key for r in records if r.key not in responses]
-        if missing:
-            raise IFEvalDataError(f"responses: no response for key(s) {missing[:10]}"
-                                  f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(records)})")
-        out = [responses[r.key] for r in records]
-    else:
-        out = list(responses)
-        if len(out) != len(records):
-            raise IFEvalDataError(f"responses: {len(out)} responses for {len(records)} prompts; give one per prompt, "
-                                  "in order, or a mapping key -> response")
-    for r, resp in zip(records, out):
-        if not isinstance(resp, str):
-            raise IFEvalDataError(f"responses: the response to key {r.key} ({r.source}) is {type(resp).__name__}, "
-                                  "not a string")
-    return out
+    return responses_for(records, responses, "key", IFEvalDataError)
 
 
 def score(records: Sequence[IFEvalPrompt | dict], responses: Sequence[str] | Mapping[int, str]) -> dict:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from align_jax.errors import UserError
+from align_jax.evaluation.records import FieldAccess
 
 TOY_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "rewardbench_toy.jsonl")
 
@@ -89,7 +90,7 @@ class RewardBenchDataError(UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(FieldAccess):
     """One pair: `prompt` a string or a list of chat messages ({"role", "content"} dicts); `chosen` is preferred
     to `rejected`; `subset` names the RewardBench subset (or any other group)."""
     prompt: str | list[dict]
@@ -99,11 +100,6 @@ class PreferencePair:
     id: int | str | None = None
     source: str = ""  # "path:line" (or where the record came from), for messages
 
-    def __getitem__(self, name: str):
-        """Field access by name, as for the decoded JSON line (``pair["chosen"]``)."""
-        if name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 def _expected_format() -> str:

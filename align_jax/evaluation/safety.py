@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from align_jax.errors import UserError
+from align_jax.evaluation.records import FieldAccess, responses_for
 
 TOY_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "safety_toy.jsonl")
 LABELS = ("unsafe", "safe")
@@ -113,7 +114,7 @@ def is_refusal_extended(text: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class SafetyPrompt:
+class SafetyPrompt(FieldAccess):
     """One prompt: `label` is "unsafe" (should be refused) or "safe" (should be answered); `type` its category."""
     id: int | str
     prompt: str
@@ -122,11 +123,6 @@ class SafetyPrompt:
     note: str = ""
     source: str = ""  # "path:line" (or where the record came from), for messages
 
-    def __getitem__(self, name: str):
-        """Field access by name, as for the decoded JSON line (``record["prompt"]``)."""
-        if name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 def _expected_format() -> str:
@@ -230,22 +226,7 @@ def _as_records(records) -> list[SafetyPrompt]:
 
 
 def _responses_for(records: list[SafetyPrompt], responses) -> list[str]:
-    if isinstance(responses, Mapping):
-        missing = [r.id for r in records if r.id not in responses]
-        if missing:
-            raise SafetyDataError(f"responses: no response for id(s) {missing[:10]}"
-                                  f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(records)})")
-        out = [responses[r.id] for r in records]
-    else:
-        out = list(responses)
-        if len(out) != len(records):
-            raise SafetyDataError(f"responses: {len(out)} responses for {len(records)} prompts; give one per prompt, "
-                                  "in order, or a mapping id -> response")
-    for r, resp in zip(records, out):
-        if not isinstance(resp, str):
-            raise SafetyDataError(f"responses: the response to id {r.id!r} ({r.source}) is {type(resp).__name__}, "
-                                  "not a string")
-    return out
+    return responses_for(records, responses, "id", SafetyDataError)
 
 
 def _judge_all(judge: Callable, texts: list[str], batched: bool) -> list[bool]:

@@ -104,7 +104,6 @@ skipped on rerun; an interrupted one resumes from its checkpoints. A rerun with 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -117,6 +116,7 @@ from absl import flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
+import ablation as ab  # noqa: E402
 import toy_pipeline as tp  # noqa: E402  (its flags: --workdir, --seed (SFT), --sft_steps, --eval_prompts, --threads)
 
 from align_jax.errors import UserError  # noqa: E402
@@ -209,14 +209,6 @@ def flip_records(pairs: list[dict], soft: list[dict], idx) -> tuple[list[dict], 
     return hard_out, soft_out
 
 
-def _write_jsonl_atomic(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 def noisy_files(wd: str, eps: float, seed: int, n: int = 0) -> dict[str, str]:
     """Writes (once) <wd>/noisy/{pairs,pairs_soft}_eps<ε>_seed<s>.jsonl from the toy task's training pairs (the
     first `n`, 0 = all). Returns {"pairs": path, "pairs_soft": path, "flipped": number of flipped pairs}."""
@@ -232,8 +224,8 @@ def noisy_files(wd: str, eps: float, seed: int, n: int = 0) -> dict[str, str]:
     idx = flip_indices(len(pairs), eps, seed)
     if not all(os.path.exists(p) for p in paths.values()):
         hard, soft = flip_records(pairs, soft, idx)
-        _write_jsonl_atomic(paths["pairs_soft"], soft)
-        _write_jsonl_atomic(paths["pairs"], hard)
+        ab.write_jsonl_atomic(paths["pairs_soft"], soft)
+        ab.write_jsonl_atomic(paths["pairs"], hard)
     return {**paths, "flipped": len(idx)}
 
 
@@ -307,9 +299,9 @@ def eval_dir(wd: str, c) -> str:
     out = os.path.join(wd, f"eval_data_{c.eval_pairs}")
     if not os.path.exists(os.path.join(out, "eval_pairs.jsonl")):
         os.makedirs(out, exist_ok=True)
-        _write_jsonl_atomic(os.path.join(out, "eval_prompts.jsonl"),
+        ab.write_jsonl_atomic(os.path.join(out, "eval_prompts.jsonl"),
                             read_jsonl(os.path.join(toy, "eval_prompts.jsonl")))
-        _write_jsonl_atomic(os.path.join(out, "eval_pairs.jsonl"),
+        ab.write_jsonl_atomic(os.path.join(out, "eval_pairs.jsonl"),
                             read_jsonl(os.path.join(toy, "eval_pairs.jsonl"))[:c.eval_pairs])
     return out
 
@@ -371,11 +363,7 @@ def csv_rows(results: list[tuple[str, float, int, dict]]) -> list[dict]:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    ab.write_csv(path, rows, CSV_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -383,18 +371,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def aggregate(rows: list[dict], keys=("gold_reward", "preference_accuracy")) -> dict:
     """{(method, eps): {key: (mean, sample std (ddof 1; 0 with one seed), n), "seeds": {seed: row}}}."""
-    cells: dict = {}
-    for r in rows:
-        cells.setdefault((r["method"], float(r["eps"])), []).append(r)
-    out = {}
-    for cell, rs in cells.items():
-        rs = sorted(rs, key=lambda r: int(r["seed"]))
-        d = {"seeds": {int(r["seed"]): r for r in rs}}
-        for k in keys:
-            v = np.array([float(r[k]) for r in rs])
-            d[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
-        out[cell] = d
-    return out
+    return ab.aggregate(rows, ("method", "eps"), keys)
 
 
 def drop(agg: dict, method: str, key: str, eps_lo: float, eps_hi: float) -> tuple[float, float, int] | None:

@@ -333,7 +333,7 @@ def _hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     """HF tensor name -> host array (torch layout) of every parameter of `model`."""
     key_map = hf_key_map(model.config)
     tensors = {}
-    for pth, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for pth, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
         name, _, to_hf = key_map[pth]
         tensors[name] = np.ascontiguousarray(to_hf(_host(var.get_value())))
     return tensors

@@ -92,6 +92,21 @@ def default_positions(attention_mask_BxT=None, segment_ids_BxT=None, B: int = 1,
     return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
+# LoRA (`align_jax.models.lora`): weight -> number of its leading input axes (q [D, H, E]: 1; o [H, E, D]: 2)
+LORA_IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+def _adapted(module, name: str, x, y):
+    """y + (α/r)·(x·A)·B when `module` has an active LoRA adapter on weight `name` (Hu et al. 2021, eq. 3; in x's
+    dtype), else y unchanged (no adapter: nothing is traced)."""
+    a = getattr(module, f"lora_{name}_a", None)
+    if a is None or not getattr(module, "lora_on", False):
+        return y
+    xa = jnp.tensordot(x, a[...].astype(x.dtype), axes=LORA_IN_AXES[name])
+    b = getattr(module, f"lora_{name}_b")[...].astype(x.dtype)
+    return y + jnp.tensordot(xa, b, axes=1) * jnp.asarray(module.lora_scale, x.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
 
@@ -118,9 +133,9 @@ class Attention(nnx.Module):
         and (y, (k_cache, v_cache)) is returned."""
         c, dt = self.c, x_BxTxD.dtype
         B, T, _ = x_BxTxD.shape
-        q = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dke->btke", x_BxTxD, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dke->btke", x_BxTxD, self.v[...].astype(dt))
+        q = _adapted(self, "q", x_BxTxD, jnp.einsum("btd,dhe->bthe", x_BxTxD, self.q[...].astype(dt)))
+        k = _adapted(self, "k", x_BxTxD, jnp.einsum("btd,dke->btke", x_BxTxD, self.k[...].astype(dt)))
+        v = _adapted(self, "v", x_BxTxD, jnp.einsum("btd,dke->btke", x_BxTxD, self.v[...].astype(dt)))
         if c.attention_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if c.qk_norm:
@@ -140,7 +155,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_BxTxS[:, None, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum(f"bkgts,{kv_spec}->btkge", probs, v).reshape(B, T, c.num_attention_heads, c.head_dim)
-        y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt))
+        y = _adapted(self, "o", out, jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt)))
         if c.o_bias:
             y = y + self.o_bias[...].astype(dt)
         return y if kv is None else (y, kv)
@@ -162,11 +177,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD):
         dt = x_BxTxD.dtype
-        g = x_BxTxD @ self.gate[...].astype(dt)
-        u = x_BxTxD @ self.up[...].astype(dt)
+        g = _adapted(self, "gate", x_BxTxD, x_BxTxD @ self.gate[...].astype(dt))
+        u = _adapted(self, "up", x_BxTxD, x_BxTxD @ self.up[...].astype(dt))
         if self.bias:
             g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
-        y = (jax.nn.silu(g) * u) @ self.down[...].astype(dt)
+        hidden = jax.nn.silu(g) * u
+        y = _adapted(self, "down", hidden, hidden @ self.down[...].astype(dt))
         if self.bias:
             y = y + self.down_bias[...].astype(dt)
         return y

@@ -73,6 +73,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.kwargs = ml_collections.ConfigDict({"beta": 0.1})  # keyword arguments of that loss
     c.loss.use_soft_labels = True  # pass the data's chosen_prob as label_probs (1.0 for hard labels)
 
+    # LoRA (Hu et al. 2021; align_jax.models.lora, PEFT's conventions): rank > 0 trains only rank-r adapters on
+    # lora.target_modules (and a reward / value model's scalar head); the base weights stay frozen (in model.dtype,
+    # e.g. bfloat16, while the adapters are lora.dtype) and out of the optimizer state; the reference of DPO / GRPO
+    # / PPO is the base model with the adapters switched off (the same weights: no second copy). Checkpoints hold
+    # the adapters (the base is read again from model.init_from); export writes the merged model to
+    # <workdir>/export and the adapters as a PEFT directory to <workdir>/export_adapter.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0  # scaling alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # PEFT's lora_dropout; only 0.0 is supported
+    c.lora.target_modules = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    c.lora.init = "default"  # default (PEFT: kaiming-uniform A, zero B) | gaussian (A ~ N(0, 1/r), zero B)
+    c.lora.dtype = "float32"  # the adapters' dtype
+    c.lora.init_from = ""  # a PEFT adapter directory to start from (continue training, or evaluate)
+
     c.reference = ml_collections.ConfigDict()
     c.reference.precompute = False  # DPO: compute reference log-probs once before training
 

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from align_jax.algorithms import get_algorithm
 from align_jax.errors import UserError
 from align_jax.evaluation import generation_eval
+from align_jax.models import lora
 from align_jax.parallel import batch_specs, host_batch, make_mesh, same_shapes_across_processes, to_device
 from align_jax.train import checkpointing
 from align_jax.train.checkpointing import Checkpointer
@@ -144,7 +145,15 @@ def train(config, workdir: str) -> dict:
     ref_model = build_reference(config, model, algorithm)
 
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    frozen = frozen_shardings = None
+    if lora.enabled(config):  # only the adapters (and scalar heads) are trained; the base weights are `frozen`
+        graphdef, params, frozen, rest = nnx.split(model, lora.trainable_filter(), nnx.Param, ...)
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        full_rest = nnx.merge_state(frozen, rest)  # what merges with the trained params into the whole module
+    else:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        full_rest = rest
+    frozen_args = () if frozen is None else (frozen,)
     state = init_state(tx, params, mesh, config.seed)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if ref_model is not None:
@@ -174,11 +183,13 @@ def train(config, workdir: str) -> dict:
         log.info("mesh: data=%d fsdp=%d tensor=%d over %d %s devices%s", m["data"], m["fsdp"], m["tensor"],
                  len(devices), devices[0].platform, f" ({jax.process_count()} processes)"
                  if jax.process_count() > 1 else "")
-        n_params = sum(x.size for x in jax.tree.leaves(params))
+        n_params = sum(x.size for x in jax.tree.leaves(params)) + sum(x.size for x in jax.tree.leaves(frozen or {}))
         dtype = config.model.dtype + (f" (compute {config.model.compute_dtype})" if config.model.compute_dtype
                                       and config.model.compute_dtype != config.model.dtype else "")
-        log.info("model: %s from %s, %.2f M parameters, %s", type(model).__name__, config.model.init_from,
-                 n_params / 1e6, dtype)
+        log.info("model: %s from %s, %.2f M parameters, %s%s", type(model).__name__, config.model.init_from,
+                 n_params / 1e6, dtype, "" if frozen is None else
+                 f"; LoRA rank {config.lora.rank} on {config.lora.target_modules}: "
+                 f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f} M trainable ({config.lora.dtype})")
         log.info("data: train %s (%d examples, %d skipped, %d truncated); eval %s", config.data.train,
                  len(data.train_source), data.num_skipped, getattr(data.skips, "num_truncated", 0),
                  config.data.eval or "none")
@@ -194,7 +205,7 @@ def train(config, workdir: str) -> dict:
     def run_eval():
         out = run_pair_eval()
         if (config.eval_generation or config.eval_suites) and not algorithm.scalar_head:
-            policy = policy_of(nnx.merge(graphdef, state["params"], rest))
+            policy = policy_of(nnx.merge(graphdef, state["params"], full_rest))
             reference = nnx.merge(eval_ref[0], eval_ref[1], eval_ref[2]) if eval_ref[0] is not None else None
             out.update(generation_eval(config, policy, tokenizer, workdir, reference=reference))
         return out
@@ -208,9 +219,10 @@ def train(config, workdir: str) -> dict:
             eval_fn = jit_eval_step(params_shardings=state_shardings["params"],
                                     batch_shardings=batch_specs(first, mesh), ref_shardings=eval_ref[3],
                                     out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
-                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config, mesh=mesh)
-        return evaluate(eval_fn, state["params"], eval_ref[1], data.eval, mesh, config.eval_batches,
-                        algorithm.summarize_eval)
+                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config, mesh=mesh,
+                                    frozen_shardings=frozen_shardings)
+        return evaluate(lambda p, b, r: eval_fn(p, b, r, *frozen_args), state["params"], eval_ref[1], data.eval,
+                        mesh, config.eval_batches, algorithm.summarize_eval)
 
     def log_eval(step, out):
         writer.write(step, out, tensorboard=True)
@@ -275,7 +287,7 @@ def train(config, workdir: str) -> dict:
                           log_every=config.log_every)
         # Online algorithms (GRPO, PPO) turn each prompt batch into a training batch by sampling from the current
         # policy and scoring the samples: `rollout(params, next_batch, step) -> (numpy batch, host metrics)`.
-        rollout = algorithm.make_rollout(config=config, graphdef=graphdef, rest=rest, ref=eval_ref,
+        rollout = algorithm.make_rollout(config=config, graphdef=graphdef, rest=full_rest, ref=eval_ref,
                                          tokenizer=tokenizer, mesh=mesh, workdir=workdir) \
             if algorithm.make_rollout else None
         step = start_step
@@ -294,8 +306,9 @@ def train(config, workdir: str) -> dict:
                 step_fn = jit_train_step(state_shardings=state_shardings,
                                          batch_shardings=batch_specs(batch, mesh), ref_shardings=ref_shardings,
                                          metric_sharding=replicated, tx=tx, schedule=schedule,
-                                         accum=config.optimizer.grad_accum_steps, **common)
-            state, metrics = step_fn(state, dev_batch, ref_params)
+                                         accum=config.optimizer.grad_accum_steps,
+                                         frozen_shardings=frozen_shardings, **common)
+            state, metrics = step_fn(state, dev_batch, ref_params, *frozen_args)
             step += 1
             if pending is not None:
                 flush(pending)
@@ -323,7 +336,8 @@ def train(config, workdir: str) -> dict:
             ckpt.save(step, state, train_iter, force=True)
             ckpt.wait()
             if config.export:
-                export(config, nnx.merge(graphdef, state["params"], rest), tokenizer, os.path.join(workdir, "export"))
+                export(config, nnx.merge(graphdef, state["params"], full_rest), tokenizer,
+                       os.path.join(workdir, "export"))
             # the last line: a re-run of this workdir finds it and has nothing to do
             writer.write(step, final_eval, tensorboard=True, final=True)
             if main:

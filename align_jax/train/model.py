@@ -8,7 +8,7 @@ import os
 import jax
 
 from align_jax.errors import SetupError
-from align_jax.models import save_pretrained, save_reward_model
+from align_jax.models import lora, save_pretrained, save_reward_model
 from align_jax.models.build import build_policy, frozen_reference
 from align_jax.models.checkpoint import check_checkpoint
 from align_jax.models.heads import ScalarHeadModel
@@ -33,8 +33,12 @@ def build_model(config, mesh, algorithm):
     """The policy (or the reward model: decoder + scalar head; or the algorithm's own module, e.g. PPO's policy +
     value model), created straight into its shardings."""
     if algorithm.build_model is not None:
-        return algorithm.build_model(config, mesh)
-    return build_policy(config, mesh, scalar_head=algorithm.scalar_head)
+        model = algorithm.build_model(config, mesh)
+    else:
+        model = build_policy(config, mesh, scalar_head=algorithm.scalar_head)
+    if lora.enabled(config):  # adapters on every decoder of the trainable module (`models.lora`)
+        lora.add_lora(model, config.lora, mesh, seed=config.seed)
+    return model
 
 
 def policy_of(model):
@@ -47,6 +51,10 @@ def build_reference(config, model, algorithm):
     read twice), or None when the algorithm needs none or the loss is reference-free (`loss.reference_free`)."""
     if not algorithm.needs_reference or config.loss.get("reference_free", False):
         return None
+    if lora.enabled(config):  # LoRA: the base model = the policy's own weights with the adapters off (no copy)
+        ref = lora.adapters_off(policy_of(model))
+        ref.config = ref.config.replace(remat_policy="none")
+        return ref
     return frozen_reference(policy_of(model))
 
 
@@ -55,6 +63,11 @@ def export(config, model, tokenizer, path: str) -> None:
     the matching `*ForSequenceClassification` directory (`score.weight`, `num_labels` 1, the pad token id), which
     transformers' `AutoModelForSequenceClassification` loads with the same scores (`models.save_reward_model`)."""
     model = policy_of(model)
+    if lora.enabled(config):  # the merged model (W + (α/r)·A·B) as the plain export; the adapters as PEFT's
+        if not isinstance(model, ScalarHeadModel):
+            lora.save_peft_adapter(model, path.rstrip("/") + "_adapter", config.lora,
+                                   base_model_name_or_path=config.model.init_from)
+        model = lora.merged_copy(model)
     if isinstance(model, ScalarHeadModel):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         save_reward_model(model, path, pad_token_id=pad)

@@ -37,22 +37,34 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
-               accum: int = 1, mesh=None):
+def train_step(state, batch, ref_params, frozen=None, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx,
+               schedule, accum: int = 1, mesh=None):
     """One optimizer step. Returns (new_state, metrics: dict of float32 scalars). With `mesh`, the model's
-    activations are constrained to the batch sharding (`parallel.constrain_batch`)."""
+    activations are constrained to the batch sharding (`parallel.constrain_batch`). `frozen`: with LoRA, the
+    base weights (not differentiated, not in the state; the reference's arrays are the same buffers)."""
     with activation_sharding(mesh):
-        return _train_step(state, batch, ref_params, graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef,
+        return _train_step(state, batch, ref_params, frozen, graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef,
                            ref_rest=ref_rest, algorithm=algorithm, cfg=cfg, tx=tx, schedule=schedule, accum=accum)
 
 
-def _train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx, schedule,
-                accum):
+def _starts_from_adapters(cfg) -> bool:
+    lora = cfg.get("lora")
+    return bool(lora is not None and lora.get("rank", 0) and lora.get("init_from"))
+
+
+def merge_model(graphdef, params, frozen, rest):
+    """The trainable module from its trained params, the frozen base weights (LoRA; None otherwise) and the rest."""
+    return nnx.merge(graphdef, params, rest) if frozen is None else nnx.merge(graphdef, params, frozen, rest)
+
+
+def _train_step(state, batch, ref_params, frozen, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx,
+                schedule, accum):
     ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
 
     def loss_of(params, mb):
-        mb = dict(mb, policy_is_reference=state["step"] == 0)  # no update yet: the policy's weights = the reference's
-        model = nnx.merge(graphdef, params, rest)
+        # no update yet: the policy's weights = the reference's (not when LoRA starts from saved adapters)
+        mb = dict(mb, policy_is_reference=(state["step"] == 0) & (not _starts_from_adapters(cfg)))
+        model = merge_model(graphdef, params, frozen, rest)
         loss, metrics = algorithm.loss(model, mb, ref_model, cfg)
         return loss, metrics
 
@@ -82,21 +94,24 @@ def _train_step(state, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_r
     return new_state, metrics
 
 
-def eval_step(params, batch, ref_params, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, mesh=None):
+def eval_step(params, batch, ref_params, frozen=None, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg,
+              mesh=None):
     """Per-example eval quantities {name: [B]} (the host weights them by `example_weight`)."""
-    model = nnx.merge(graphdef, params, rest)
+    model = merge_model(graphdef, params, frozen, rest)
     ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
     with activation_sharding(mesh):
         return algorithm.eval(model, batch, ref_model, cfg)
 
 
-def jit_train_step(*, state_shardings, batch_shardings, ref_shardings, metric_sharding, **kw):
-    """`train_step` jitted with explicit in/out shardings and the state donated."""
-    return jax.jit(functools.partial(train_step, **kw),
-                   in_shardings=(state_shardings, batch_shardings, ref_shardings),
+def jit_train_step(*, state_shardings, batch_shardings, ref_shardings, metric_sharding, frozen_shardings=None,
+                   **kw):
+    """`train_step` jitted with explicit in/out shardings and the state donated; with `frozen_shardings` (LoRA) it
+    takes the frozen base weights as a fourth argument."""
+    ins = (state_shardings, batch_shardings, ref_shardings) + (() if frozen_shardings is None else (frozen_shardings,))
+    return jax.jit(functools.partial(train_step, **kw), in_shardings=ins,
                    out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
 
 
-def jit_eval_step(*, params_shardings, batch_shardings, ref_shardings, out_sharding, **kw):
-    return jax.jit(functools.partial(eval_step, **kw), in_shardings=(params_shardings, batch_shardings, ref_shardings),
-                   out_shardings=out_sharding)
+def jit_eval_step(*, params_shardings, batch_shardings, ref_shardings, out_sharding, frozen_shardings=None, **kw):
+    ins = (params_shardings, batch_shardings, ref_shardings) + (() if frozen_shardings is None else (frozen_shardings,))
+    return jax.jit(functools.partial(eval_step, **kw), in_shardings=ins, out_shardings=out_sharding)

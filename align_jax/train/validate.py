@@ -10,6 +10,7 @@ import jax
 from align_jax.algorithms import ALGORITHMS
 from align_jax.errors import ConfigValueError, SetupError
 from align_jax.losses import available, get_loss
+from align_jax.models import lora
 from align_jax.parallel import mesh_shape
 
 __all__ = ["ConfigValueError", "check_batch_divisibility", "loss_options", "validate_config"]
@@ -57,6 +58,8 @@ def validate_config(config) -> None:
         bad("reference.precompute", f"not available for algorithm {config.algorithm!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16")
+    if config.get("lora") is not None:
+        lora.validate(config.lora)
     if config.eval_suites:
         from align_jax.evaluation.suites import SUITES
 

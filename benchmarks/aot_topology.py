@@ -122,6 +122,22 @@ MODELS = {
                      head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False, attention_bias=False,
                      use_sliding_window=False, sliding_window=None, hidden_act="silu"),
+    # Llama-shaped, smaller (benchmarks/memory.py): ~110M (benchmarks/dpo_throughput.py's "100m"), and
+    # meta-llama/Llama-3.2-1B and -3B's config.json numbers
+    "llama-110m": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=768,
+                       intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                       tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu"),
+    "llama3.2-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
+                        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=True, attention_bias=False,
+                        mlp_bias=False, hidden_act="silu"),
+    "llama3.2-3b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=3072,
+                        intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                        head_dim=128, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=True, attention_bias=False,
+                        mlp_bias=False, hidden_act="silu"),
     "tiny": None,  # align_jax/data/toy/model_config.json (4 layers, hidden 128, vocab 256, tied; ~0.9M parameters)
 }
 
@@ -204,19 +220,20 @@ def experiment_config(algorithm: str, *, batch: int, mesh_shape, dtype: str, com
     return c
 
 
-def _abstract_module(module_fn, mesh):
+def _abstract_module(module_fn, mesh, filters=(nnx.Param,)):
     """(graphdef, params, rest) of the module `module_fn()` builds, without allocating it: the parameters are
     `ShapeDtypeStruct`s carrying the NamedSharding of their logical axes (as `parallel.create_sharded` creates
     them); `rest` (non-parameter variables: the RoPE frequencies) is made concrete, since the train step closes
-    over it."""
+    over it. With several `filters` (LoRA: trainable, frozen), one parameter state per filter:
+    (graphdef, *states, rest)."""
     abstract = nnx.eval_shape(module_fn)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, *states, rest = nnx.split(abstract, *filters, ...)
 
     def attach(v):
         spec = logical_to_spec(v.get_metadata().get("logical_axes"), v.shape, mesh)
         return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, spec)))
 
-    params = jax.tree.map(attach, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    states = [jax.tree.map(attach, st, is_leaf=lambda x: isinstance(x, nnx.Variable)) for st in states]
     config = abstract.config
 
     def concrete(path, x):
@@ -228,14 +245,15 @@ def _abstract_module(module_fn, mesh):
         return x
 
     rest = jax.tree_util.tree_map_with_path(concrete, rest)
-    return graphdef, params, rest
+    return (graphdef, *states, rest)
 
 
 def _sds(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_batch(algorithm: str, batch: int, seq_len: int, mesh, completion_len: int = 0) -> dict:
+def abstract_batch(algorithm: str, batch: int, seq_len: int, mesh, completion_len: int = 0,
+                   precomputed_reference: bool = False) -> dict:
     """The training batch the loop feeds `algorithm` (`align_jax.data.pipeline` collate functions; GRPO:
     `rl.rollout.training_batch` with the reference's log-probs), as ShapeDtypeStructs split over the batch axes.
     `batch`: pairs (dpo, reward_model), rows (sft), completions R = prompts x G (grpo)."""
@@ -244,6 +262,8 @@ def abstract_batch(algorithm: str, batch: int, seq_len: int, mesh, completion_le
         shapes = {f"{s}_{k}": ((B, L), i32) for s in ("chosen", "rejected")
                   for k in ("input_ids", "attention_mask", "completion_mask")}
         shapes.update(label_probs=((B,), f32), example_weight=((B,), f32), record_index=((B,), i32))
+        if precomputed_reference:  # reference.precompute: the batch carries the reference's sequence log-probs
+            shapes.update(ref_chosen_logps=((B,), f32), ref_rejected_logps=((B,), f32))
     elif algorithm == "sft":
         shapes = {k: ((B, L), i32) for k in ("input_ids", "attention_mask", "completion_mask", "segment_ids",
                                              "positions")}
@@ -269,9 +289,12 @@ class Built:
 
 def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, seq_len: int, remat: str = "none",
                dtype: str = "bfloat16", compute_dtype: str = "", chunk_size: int | None = None,
-               completion_len: int = 0, layers: int = 0, scan: bool = False) -> Built:
+               completion_len: int = 0, layers: int = 0, scan: bool = False, lora_rank: int = 0,
+               live_reference: bool = True) -> Built:
     """The jitted train step of `train()` for `model` x `algorithm` on `devices` with mesh `mesh_shape` =
-    (data, fsdp, tensor), and its abstract arguments."""
+    (data, fsdp, tensor), and its abstract arguments. `lora_rank` > 0: LoRA on every projection (config.lora's
+    defaults), the base weights a frozen fourth argument, the reference (DPO) made from them in the step as
+    `train()` does; `live_reference=False`: the reference's log-probs precomputed (DPO: in the batch)."""
     mesh = make_mesh(*mesh_shape, devices=devices)
     mesh_shape = tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -283,11 +306,23 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
     cfg = experiment_config(algorithm, batch=batch, mesh_shape=mesh_shape, dtype=dtype, compute_dtype=compute_dtype,
                             remat=remat, chunk_size=chunk_size, completion_len=completion_len, scan=scan)
     mcfg = model_config(model, dtype=dtype, compute_dtype=compute_dtype, remat=remat, layers=layers, scan=scan)
-    if algo.scalar_head:
-        module_fn = lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
+    base_fn = (lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(0))) if algo.scalar_head else \
+        (lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+    frozen = frozen_sh = None
+    if lora_rank:
+        from align_jax.models import lora
+
+        cfg.lora.rank = lora_rank
+
+        def module_fn():
+            m = base_fn()
+            lora.add_lora(m, cfg.lora)
+            return m
+
+        graphdef, params, frozen, rest = _abstract_module(module_fn, mesh, (lora.trainable_filter(), nnx.Param))
+        frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     else:
-        module_fn = lambda: Transformer(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
-    graphdef, params, rest = _abstract_module(module_fn, mesh)
+        graphdef, params, rest = _abstract_module(base_fn, mesh)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.total_steps)
     sh = state_shardings(tx, params, mesh)
     replicated = NamedSharding(mesh, P())
@@ -295,18 +330,29 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
              "opt_state": _sds(jax.eval_shape(tx.init, params), sh["opt_state"]),
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
     ref_graphdef = ref_params = ref_rest = ref_sh = None
-    if algo.needs_reference and not cfg.loss.get("reference_free", False):
+    wants_ref = algo.needs_reference and not cfg.loss.get("reference_free", False)
+    if wants_ref and live_reference and lora_rank:
+        # train(): the base model = the policy's own arrays with the adapters off, made inside the step
+        def off_fn():
+            return lora.adapters_off(module_fn())
+
+        ref_graphdef, _, _, ref_rest = _abstract_module(off_fn, mesh, (lora.trainable_filter(), nnx.Param))
+    elif wants_ref and live_reference:
         # train.model.frozen_reference: a copy of the policy (same shardings), never rematerialised
         ref_cfg = mcfg.replace(remat_policy="none")
         ref_graphdef, ref_params, ref_rest = _abstract_module(lambda: Transformer(ref_cfg, rngs=nnx.Rngs(0)), mesh)
         ref_sh = jax.tree.map(lambda x: x.sharding, ref_params)
-    abatch = abstract_batch(algorithm, batch, seq_len, mesh, completion_len)
+    abatch = abstract_batch(algorithm, batch, seq_len, mesh, completion_len,
+                            precomputed_reference=wants_ref and not live_reference)
     fn = jit_train_step(state_shardings=sh, batch_shardings=jax.tree.map(lambda x: x.sharding, abatch),
                         ref_shardings=ref_sh, metric_sharding=replicated, graphdef=graphdef, rest=rest,
                         ref_graphdef=ref_graphdef, ref_rest=ref_rest, algorithm=algo, cfg=cfg, tx=tx,
-                        schedule=schedule, accum=cfg.optimizer.grad_accum_steps, mesh=mesh)
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return Built(fn, (state, abatch, ref_params), mcfg, n, mesh_shape)
+                        schedule=schedule, accum=cfg.optimizer.grad_accum_steps, mesh=mesh,
+                        frozen_shardings=frozen_sh)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params)) + \
+        sum(math.prod(x.shape) for x in jax.tree.leaves(frozen or {}))
+    args = (state, abatch, ref_params) + (() if frozen is None else (frozen,))
+    return Built(fn, args, mcfg, n, mesh_shape)
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
@@ -421,7 +467,8 @@ def _per_device_bytes(x: jax.ShapeDtypeStruct) -> int:
 def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch: int, seq_len: int,
                remat: str = "none", dtype: str = "bfloat16", compute_dtype: str = "", step_time: float = 0.0,
                chunk_size: int | None = None, completion_len: int = 0, layers: int = 0, devices=None, spec=None,
-               cost: bool = False, compiler_options: dict | None = None, scan: bool = False) -> Result:
+               cost: bool = False, compiler_options: dict | None = None, scan: bool = False, lora_rank: int = 0,
+               live_reference: bool = True) -> Result:
     """Builds, lowers and compiles one configuration; returns its `Result` (a compiler refusal for lack of HBM is
     recorded, not raised). `cost`: also record `compiled.cost_analysis()["flops"]` (per device);
     `compiler_options`: XLA options for this compile (the test lowers the CPU backend's optimisation level)."""
@@ -431,7 +478,7 @@ def run_config(model: str, algorithm: str, slice_name: str, mesh_shape, *, batch
         completion_len = seq_len // 2
     built = build_step(model, algorithm, devices, mesh_shape, batch=batch, seq_len=seq_len, remat=remat, dtype=dtype,
                        compute_dtype=compute_dtype, chunk_size=chunk_size, completion_len=completion_len,
-                       layers=layers, scan=scan)
+                       layers=layers, scan=scan, lora_rank=lora_rank, live_reference=live_reference)
     flops = step_flops(built.mcfg, algorithm, batch, seq_len, remat=remat, completion_len=completion_len)
     r = Result(model, algorithm, slice_name, built.mesh_shape, batch, seq_len, remat, dtype, built.num_params,
                spec.hbm_gib, spec.chips, spec.peak_tflops, flops, step_time=step_time,

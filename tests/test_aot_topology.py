@@ -122,3 +122,31 @@ def test_hbm_refusal_is_parsed():
     other = "Ran out of memory in memory space hbm. Used 17.29G of 15.48G hbm. Exceeded hbm capacity by 1.81G."
     assert aot.parse_hbm_refusal(other) == ("total", pytest.approx(17.29), pytest.approx(15.48))
     assert aot.parse_hbm_refusal("some other error") is None
+
+
+def test_lora_step_holds_adapters_state_and_the_base_once():
+    """LoRA (benchmarks/memory.py's builder): the state is the adapters and their AdamW moments only; the base
+    weights are one argument (the reference is made from them in the step, not passed again); with a precomputed
+    reference the batch carries the log-probs instead."""
+    devices, spec = aot.slice_devices("cpu:1")
+    kw = dict(batch=8, seq_len=32, dtype="float32", chunk_size=256, layers=2)
+    built = aot.build_step("tiny", "dpo", devices, (1, 1, 1), lora_rank=4, **kw)
+    state, batch, ref, frozen = built.args
+    n_adapter = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    n_base = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
+    c = built.mcfg
+    D, F, H, K, E, L = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                        c.num_hidden_layers)
+    assert n_adapter == L * 4 * ((D + H * E) + 2 * (D + K * E) + (H * E + D) + 2 * (D + F) + (F + D))
+    n_opt = sum(math.prod(x.shape) for x in jax.tree.leaves(state["opt_state"]))
+    assert 2 * n_adapter <= n_opt <= 2 * n_adapter + 4  # mu, nu and step counters: no moment of a base weight
+    assert ref is None and n_base == built.num_params - n_adapter
+    kw["compiler_options"] = TINY["compiler_options"]
+    full = aot.run_config("tiny", "dpo", "cpu:1", (1, 1, 1), devices=devices, spec=spec, **kw)
+    lora = aot.run_config("tiny", "dpo", "cpu:1", (1, 1, 1), devices=devices, spec=spec, lora_rank=4, **kw)
+    pre = aot.run_config("tiny", "dpo", "cpu:1", (1, 1, 1), devices=devices, spec=spec, lora_rank=4,
+                         live_reference=False, **kw)
+    # full: params + mu + nu + reference = 4 copies of the weights; LoRA: the base once, adapters 3 times
+    base_gib = n_base * 4 / aot.GIB
+    assert full.args_gib > 3.9 * base_gib and lora.args_gib < 1.5 * base_gib, (full.args_gib, lora.args_gib, base_gib)
+    assert pre.args_gib < lora.args_gib + 1e-3 and not pre.error

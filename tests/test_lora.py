@@ -217,3 +217,32 @@ def test_bad_lora_config_is_refused_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigValueError, match=key.replace(".", r"\.")):
         train(_dpo(**override), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_peft_loads_the_exported_adapter_with_the_same_logits(dpo_run, tmp_path):
+    """transformers + peft (not in the suite's requirements: skipped without torch / peft) load the base model and
+    the run's export_adapter and give the adapted model's logits; the merged export gives them too."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align_jax.models import load_pretrained, save_pretrained
+    from align_jax.models.build import build_policy
+    from align_jax.parallel import make_mesh
+
+    cfg = _dpo()
+    base = build_policy(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    save_pretrained(base, str(tmp_path / "base"))
+    ids, mask = _ids()
+    ours = np.asarray(load_pretrained(os.path.join(dpo_run, "export"))(ids, mask))  # merged = adapted
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(hf, os.path.join(dpo_run, "export_adapter")).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+        plain = hf.get_base_model()(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.numpy() \
+            if hasattr(hf, "get_base_model") else None
+    assert np.abs(got - ours).max() < 1e-4
+    base_logits = np.asarray(base(ids, mask))
+    assert np.abs(ours - base_logits).max() > 1e-3  # the adapters matter: the comparison above is not vacuous
+    del plain

@@ -12,6 +12,9 @@ rewards/accuracies, logps/chosen, logps/rejected, and `loss` = the configured lo
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +22,13 @@ import numpy as np
 from flax import nnx
 
 from align_jax import losses
+from align_jax.algorithms import reference_cache
 from align_jax.algorithms.base import Algorithm, register
 from align_jax.errors import refuse
 from align_jax.models.logps import pair_token_logps, seq_logps
 from align_jax.parallel import host_batch, to_device
+
+log = logging.getLogger(__name__)
 
 
 def dpo_inputs(model, batch, ref_model, cfg):
@@ -85,8 +91,20 @@ def precompute_reference(config, data, ref_model, mesh, tokenizer):
     from align_jax.data import make_loader
 
     n = len(data.train_source)
-    table = np.full((n, 2), np.nan, np.float32)
     graphdef, params, rest = nnx.split(ref_model, nnx.Param, ...)
+    use_cache = config.reference.get("cache", False) and data.data_dir and data.train_fingerprint
+    if use_cache:
+        key, desc = reference_cache.cache_key(
+            data_fingerprint=data.train_fingerprint, tokenizer=tokenizer, model=ref_model, loader_kw=data.loader_kw,
+            extra={"what": "dpo_pair_logps", "chunk_size": config.chunk_size,
+                   "batch_size": config.eval_batch_size // jax.process_count()}, mesh=mesh)
+        table = reference_cache.load(data.data_dir, key, (n, 2))
+        if table is not None:
+            log.info("reference log-probs of %d pairs: reused from %s", n,
+                     os.path.join(data.data_dir, reference_cache.DIRNAME, key + ".npz"))
+            return dataclasses.replace(data, train=data.train.map(_attacher(table)))
+    t0 = time.perf_counter()
+    table = np.full((n, 2), np.nan, np.float32)
 
     @jax.jit
     def ref_logps(params, batch):
@@ -103,15 +121,21 @@ def precompute_reference(config, data, ref_model, mesh, tokenizer):
         idx = host["record_index"]
         ok = idx >= 0
         table[idx[ok], 0], table[idx[ok], 1] = np.asarray(c)[ok], np.asarray(r)[ok]
+    if use_cache:
+        path = reference_cache.save(data.data_dir, key, table, desc)
+        log.info("reference log-probs of %d pairs computed in %.1f s, kept in %s", n, time.perf_counter() - t0, path)
+    return dataclasses.replace(data, train=data.train.map(_attacher(table)))
 
-    def attach(batch):
+
+def _attacher(table):
+    def attach(batch):  # the table's rows of this batch's records (padding rows: 0)
         idx = batch["record_index"]
         batch = dict(batch)
         batch["ref_chosen_logps"] = np.where(idx >= 0, table[np.maximum(idx, 0), 0], 0.0).astype(np.float32)
         batch["ref_rejected_logps"] = np.where(idx >= 0, table[np.maximum(idx, 0), 1], 0.0).astype(np.float32)
         return batch
 
-    return dataclasses.replace(data, train=data.train.map(attach))
+    return attach
 
 
 # dpo:* loss types where beta divides (1/(2 beta)); in every other dpo:* type beta = 0 makes the loss constant.

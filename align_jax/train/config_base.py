@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.reference = ml_collections.ConfigDict()
     c.reference.precompute = False  # DPO: compute reference log-probs once before training
+    # ... and keep them in <data_dir>/reference_logps/ (keyed by data, tokenizer, reference weights, lengths, mesh):
+    # a restarted run and later runs on the same data and reference reuse them
+    c.reference.cache = True
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # pure data parallelism

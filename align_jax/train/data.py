@@ -28,6 +28,7 @@ class Data:
     loader_kw: dict = dataclasses.field(default_factory=dict)
     parse_skipped: int = 0  # bad records skipped while building the TFDS dataset (before tokenization)
     train_fingerprint: str = ""  # the built training dataset (its content hash): a restart must train on the same
+    data_dir: str = ""  # where the TFDS datasets are built (and precomputed reference log-probs are kept)
 
     @property
     def num_skipped(self) -> int:
@@ -124,7 +125,7 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
             return ds
 
     return Data(kind, train, eval_fn, skips, train_source, kw, parse_skipped=stats.num_skipped,
-                train_fingerprint=fingerprint)
+                train_fingerprint=fingerprint, data_dir=config.data.data_dir or os.path.join(workdir, "tfds"))
 
 
 def resolve_config(config, data: Data, algorithm):

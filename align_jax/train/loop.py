@@ -124,6 +124,12 @@ def _fmt(m: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in m.items())
 
 
+def _shares_arrays(a, b) -> bool:
+    """Some array of tree `a` is an array of tree `b` (the same buffer, not an equal copy)."""
+    ids = {id(x) for x in jax.tree.leaves(b)}
+    return any(id(x) in ids for x in jax.tree.leaves(a))
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) the experiment described by `config` in `workdir`; returns the last metrics."""
     validate_config(config)
@@ -161,7 +167,18 @@ def train(config, workdir: str) -> dict:
         ref_shardings = jax.tree.map(lambda x: x.sharding, ref_params)
     else:
         ref_graphdef = ref_params = ref_rest = ref_shardings = None
-    eval_ref = (ref_graphdef, ref_params, ref_rest, ref_shardings)
+    eval_ref = (ref_graphdef, ref_params, ref_rest, ref_shardings)  # rollouts and generation evals
+    if frozen is not None and ref_model is not None and _shares_arrays(ref_params, frozen):
+        # LoRA: the reference is the policy's own weights with the adapters off (`lora.adapters_off`); the train /
+        # eval step makes it from its own arguments (the trained adapters, switched off, and the frozen base
+        # weights), so no array is passed twice; online algorithms take π_ref from the rollout, which runs the
+        # `eval_ref` view (the same buffers)
+        if algorithm.make_rollout is None:
+            off_graphdef, _, _, off_rest = nnx.split(ref_model, lora.trainable_filter(), nnx.Param, ...)
+            ref_graphdef, ref_params, ref_rest, ref_shardings = off_graphdef, None, off_rest, None
+        else:
+            ref_graphdef = ref_params = ref_rest = ref_shardings = None
+    pair_ref = (ref_graphdef, ref_params, ref_rest, ref_shardings)  # held-out pair evals: always a live reference
     # precomputed reference log-probs (the numbers the live reference gives; `Algorithm.precompute_reference`)
     if ref_model is not None and config.reference.precompute and algorithm.precompute_reference is not None:
         data = algorithm.precompute_reference(config, data, ref_model, mesh, tokenizer)
@@ -217,11 +234,11 @@ def train(config, workdir: str) -> dict:
         if eval_fn is None:
             first = host_batch(next(iter(data.eval())))
             eval_fn = jit_eval_step(params_shardings=state_shardings["params"],
-                                    batch_shardings=batch_specs(first, mesh), ref_shardings=eval_ref[3],
-                                    out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=eval_ref[0],
-                                    ref_rest=eval_ref[2], algorithm=algorithm, cfg=config, mesh=mesh,
+                                    batch_shardings=batch_specs(first, mesh), ref_shardings=pair_ref[3],
+                                    out_sharding=replicated, graphdef=graphdef, rest=rest, ref_graphdef=pair_ref[0],
+                                    ref_rest=pair_ref[2], algorithm=algorithm, cfg=config, mesh=mesh,
                                     frozen_shardings=frozen_shardings)
-        return evaluate(lambda p, b, r: eval_fn(p, b, r, *frozen_args), state["params"], eval_ref[1], data.eval,
+        return evaluate(lambda p, b, r: eval_fn(p, b, r, *frozen_args), state["params"], pair_ref[1], data.eval,
                         mesh, config.eval_batches, algorithm.summarize_eval)
 
     def log_eval(step, out):

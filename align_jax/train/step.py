@@ -57,9 +57,19 @@ def merge_model(graphdef, params, frozen, rest):
     return nnx.merge(graphdef, params, rest) if frozen is None else nnx.merge(graphdef, params, frozen, rest)
 
 
+def reference_model(params, ref_params, frozen, ref_graphdef, ref_rest):
+    """The frozen reference: its own weights (`ref_params`), or with LoRA (`frozen` given, `ref_params` None) the
+    policy's own arrays with the adapters off (`ref_graphdef` = that view's graph), or None."""
+    if ref_params is not None:
+        return nnx.merge(ref_graphdef, ref_params, ref_rest)
+    if ref_graphdef is not None and frozen is not None:
+        return nnx.merge(ref_graphdef, jax.lax.stop_gradient(params), frozen, ref_rest)
+    return None
+
+
 def _train_step(state, batch, ref_params, frozen, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx,
                 schedule, accum):
-    ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
+    ref_model = reference_model(state["params"], ref_params, frozen, ref_graphdef, ref_rest)
 
     def loss_of(params, mb):
         # no update yet: the policy's weights = the reference's (not when LoRA starts from saved adapters)
@@ -98,7 +108,7 @@ def eval_step(params, batch, ref_params, frozen=None, *, graphdef, rest, ref_gra
               mesh=None):
     """Per-example eval quantities {name: [B]} (the host weights them by `example_weight`)."""
     model = merge_model(graphdef, params, frozen, rest)
-    ref_model = nnx.merge(ref_graphdef, ref_params, ref_rest) if ref_params is not None else None
+    ref_model = reference_model(params, ref_params, frozen, ref_graphdef, ref_rest)
     with activation_sharding(mesh):
         return algorithm.eval(model, batch, ref_model, cfg)
 

@@ -1,0 +1,199 @@
+"""Memory of a DPO train step on this machine's CPU, from the compiled step's memory analysis (nothing is allocated):
+full fine-tuning vs LoRA, with the reference live or precomputed, remat policies, Llama shapes from 110M to 8B; and
+the largest Llama-shaped model whose DPO step fits the machine, full and LoRA.
+
+    JAX_PLATFORMS=cpu python benchmarks/memory.py                 # the README's table + the search (~40 min, 2 cores)
+    JAX_PLATFORMS=cpu python benchmarks/memory.py --models=llama-110m --no-search     # one model, ~6 min
+    JAX_PLATFORMS=cpu python benchmarks/memory.py --run=llama-110m:lora   # run 2 steps: measured vs planned memory
+
+What is compiled: the train step `align_jax.train.train()` runs (`train.step.jit_train_step`, built by
+`benchmarks/aot_topology.build_step`: loss + gradients + AdamW update, state donated), on one CPU device, for a batch
+of 8 pairs x 512 tokens (16 sequences), parameters in bfloat16 (AdamW's moments follow the parameter dtype; LoRA
+adapters float32), layers as one `lax.scan` (`model.scan_layers`, so the compile time does not grow with depth),
+vocabulary-chunked log-probs (config.chunk_size 8192). LoRA: rank 16, alpha 16, all seven projections
+(config.lora's defaults but the rank); the reference is the base model with the adapters off, computed from the same
+weights inside the step (no second copy). "precomputed": `reference.precompute` (the batch carries the reference's
+log-probs; no reference weights or forward in the step).
+
+Peak = arguments + outputs − donated (aliased) + temporaries (XLA's buffer assignment for this program). The CPU
+compiler does not lower its temporaries with remat (measured: `full` and `none` plan the same temporaries here; on
+TPU they differ, see benchmarks/aot_topology.py), so the remat rows show it rather than the TPU saving. A fit means
+peak <= 0.9 x the machine's memory (24 GiB here: 21.6 GiB), leaving room for the Python process, XLA's runtime and
+the data pipeline.
+
+Largest model that fits. Per-device memory is linear in the number of decoder layers at a fixed width (checked on
+TPU compiles in aot_topology.py; here from two depths), so the search compiles the step at two depths of a width,
+solves for the deepest model under the budget, then compiles that depth to confirm: full fine-tuning on the
+Llama-3.2-3B width (hidden 3072), LoRA on the Llama-3-8B width (hidden 4096).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+MODELS = ("llama-110m", "llama3.2-1b", "llama3.2-3b", "llama3-8b")
+BATCH, SEQ_LEN, RANK = 8, 512, 16
+
+
+def machine_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def measure(model: str, *, lora: bool, live: bool, remat: str = "full", layers: int = 0) -> dict:
+    import aot_topology as a
+
+    devices, spec = a.slice_devices("cpu:1")
+    r = a.run_config(model, "dpo", "cpu:1", (1, 1, 1), batch=BATCH, seq_len=SEQ_LEN, remat=remat, dtype="bfloat16",
+                     devices=devices, spec=spec, scan=True, lora_rank=RANK if lora else 0, live_reference=live,
+                     layers=layers)
+    return {"model": model, "mode": "LoRA r16" if lora else "full", "reference": "live" if live else "precomputed",
+            "remat": remat, "layers": r.layers, "params_b": r.num_params / 1e9, "args_gib": r.args_gib,
+            "temp_gib": r.temp_gib, "peak_gib": r.peak_gib, "compile_s": r.compile_s}
+
+
+def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dict:
+    """Materialises the step's arguments (random weights, a batch of random tokens) and runs `steps` train steps,
+    measuring the process's peak resident memory (getrusage) against the compiled plan's peak."""
+    import resource
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import aot_topology as a
+
+    devices, spec = a.slice_devices("cpu:1")
+    built = a.build_step(model, "dpo", devices, (1, 1, 1), batch=BATCH, seq_len=SEQ_LEN, remat="full",
+                         dtype="bfloat16", scan=True, lora_rank=RANK if lora else 0, layers=layers)
+    t0 = time.perf_counter()
+    compiled = built.fn.lower(*built.args).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+            + ma.temp_size_in_bytes) / 2**30
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    key = [jax.random.key(0)]
+
+    def make(x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        key[0], k = jax.random.split(key[0])
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            v = jax.random.randint(k, x.shape, 1, 250, x.dtype) if x.ndim else jnp.zeros((), x.dtype)
+        elif x.shape == ():
+            v = jnp.zeros((), x.dtype)
+        else:
+            v = (0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        return jax.device_put(v, x.sharding)
+
+    state, batch, ref, *frozen = jax.tree.map(make, built.args)
+    batch = dict(batch)
+    for side in ("chosen", "rejected"):  # every token real, the second half the completion
+        batch[f"{side}_attention_mask"] = jnp.ones_like(batch[f"{side}_attention_mask"])
+        batch[f"{side}_completion_mask"] = jnp.ones_like(batch[f"{side}_completion_mask"]).at[:, :SEQ_LEN // 2].set(0)
+    batch["label_probs"] = jnp.ones_like(batch["label_probs"])
+    batch["example_weight"] = jnp.ones_like(batch["example_weight"])
+    times, losses = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, ref, *frozen)
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter() - t)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"model": model, "mode": "LoRA r16" if lora else "full", "layers": built.mcfg.num_hidden_layers,
+            "params_b": built.num_params / 1e9, "planned_peak_gib": plan, "rss_before_gib": rss0,
+            "rss_peak_gib": rss1, "step_seconds": times, "losses": losses, "compile_s": compile_s,
+            "finite": bool(np.all(np.isfinite(losses)))}
+
+
+def largest(model: str, *, lora: bool, budget: float, depths=(4, 8)) -> dict:
+    """The deepest `model`-width DPO step under `budget` GiB: two compiles, a linear solve, a confirming compile."""
+    a, b = (measure(model, lora=lora, live=True, layers=d) for d in depths)
+    per_layer = (b["peak_gib"] - a["peak_gib"]) / (b["layers"] - a["layers"])
+    fixed = a["peak_gib"] - per_layer * a["layers"]
+    depth = int(math.floor((budget - fixed) / per_layer))
+    while depth > 0:
+        c = measure(model, lora=lora, live=True, layers=depth)
+        if c["peak_gib"] <= budget:
+            break
+        depth -= 1
+    p_layer = (b["params_b"] - a["params_b"]) / (b["layers"] - a["layers"])
+    return {"model": model, "mode": c["mode"], "layers": depth, "params_b": c["params_b"], "peak_gib": c["peak_gib"],
+            "per_layer_gib": per_layer, "fixed_gib": fixed, "params_per_layer_b": p_layer,
+            "next_layer_peak_gib": c["peak_gib"] + per_layer}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | params | mode | reference | remat | arguments GiB | temporaries GiB | peak GiB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} ({r['layers']} layers) | {r['params_b']:.2f} B | {r['mode']} | {r['reference']} | "
+                   f"{r['remat']} | {r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--no-search", action="store_true", help="skip the largest-model search")
+    p.add_argument("--out", default="", help="also write the rows as JSON here")
+    p.add_argument("--run", default="", help="MODEL[:LAYERS]:full|lora: run 2 steps of that DPO step with random "
+                   "weights and report the process's peak memory against the compiled plan (nothing else)")
+    args = p.parse_args(argv)
+    if args.run:
+        model, *rest = args.run.split(":")
+        mode = rest[-1]
+        layers = int(rest[0]) if len(rest) == 2 else 0
+        r = run_steps(model, lora=mode == "lora", layers=layers)
+        print(json.dumps(r, indent=2))
+        print(f"{r['model']} ({r['layers']} layers, {r['params_b']:.2f} B), {r['mode']}: planned peak "
+              f"{r['planned_peak_gib']:.2f} GiB; process peak RSS {r['rss_peak_gib']:.2f} GiB (before the arguments "
+              f"existed: {r['rss_before_gib']:.2f} GiB); steps {', '.join(f'{t:.1f}' for t in r['step_seconds'])} s; "
+              f"losses {r['losses']}")
+        return
+    t0 = time.time()
+    total = machine_gib()
+    budget = 0.9 * total
+    rows = []
+    for m in args.models.split(","):
+        for lora in (False, True):
+            for live in (True, False):
+                rows.append(measure(m, lora=lora, live=live))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if m == "llama3.2-1b":
+            for lora in (False, True):
+                rows.append(measure(m, lora=lora, live=True, remat="none"))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\nDPO step, {BATCH} pairs x {SEQ_LEN} tokens, bfloat16 parameters, one CPU device "
+          f"(compiled memory analysis; {total:.1f} GiB machine, budget {budget:.1f} GiB):\n")
+    print(table(rows))
+    found = []
+    if not args.no_search:
+        for model, lora in (("llama3.2-3b", False), ("llama3-8b", True)):
+            f = largest(model, lora=lora, budget=budget)
+            found.append(f)
+            print(f"\nlargest {f['mode']} DPO step that fits {budget:.1f} GiB: {model} width with {f['layers']} layers = "
+                  f"{f['params_b']:.2f} B parameters, peak {f['peak_gib']:.2f} GiB ({f['per_layer_gib']:.3f} GiB per "
+                  f"layer + {f['fixed_gib']:.2f} GiB; one more layer: {f['next_layer_peak_gib']:.2f} GiB)", flush=True)
+    print(f"\n(total {time.time() - t0:.0f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "largest": found, "machine_gib": total, "budget_gib": budget}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,10 @@ vocabulary-chunked log-probs (config.chunk_size 8192). LoRA: rank 16, alpha 16, 
 weights inside the step (no second copy). "precomputed": `reference.precompute` (the batch carries the reference's
 log-probs; no reference weights or forward in the step).
 
-Peak = arguments + outputs − donated (aliased) + temporaries (XLA's buffer assignment for this program). The CPU
-compiler does not lower its temporaries with remat (measured: `full` and `none` plan the same temporaries here; on
-TPU they differ, see benchmarks/aot_topology.py), so the remat rows show it rather than the TPU saving. A fit means
+Peak = arguments + outputs − donated (aliased) + temporaries (XLA's buffer assignment for this program). With the
+layers scanned, remat changes the CPU plan as it would on an accelerator (`none` keeps every layer's activations
+for the backward pass: 1B full fine-tuning 60.2 GiB of temporaries against 16.1 GiB with `full`; with the layers
+unrolled the CPU compiler plans the same temporaries whatever the policy). A fit means
 peak <= 0.9 x the machine's memory (24 GiB here: 21.6 GiB), leaving room for the Python process, XLA's runtime and
 the data pipeline.
 
@@ -42,6 +43,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MODELS = ("llama-110m", "llama3.2-1b", "llama3.2-3b", "llama3-8b")
+# compiled at 2 and 4 layers and extrapolated (a full-depth CPU compile of these needs 11+ GB of compiler memory)
+EXTRAPOLATED = ("llama3.2-3b", "llama3-8b")
 BATCH, SEQ_LEN, RANK = 8, 512, 16
 
 
@@ -120,28 +123,37 @@ def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dic
             "finite": bool(np.all(np.isfinite(losses)))}
 
 
-def largest(model: str, *, lora: bool, budget: float, depths=(4, 8)) -> dict:
-    """The deepest `model`-width DPO step under `budget` GiB: two compiles, a linear solve, a confirming compile."""
-    a, b = (measure(model, lora=lora, live=True, layers=d) for d in depths)
-    per_layer = (b["peak_gib"] - a["peak_gib"]) / (b["layers"] - a["layers"])
-    fixed = a["peak_gib"] - per_layer * a["layers"]
-    depth = int(math.floor((budget - fixed) / per_layer))
-    while depth > 0:
-        c = measure(model, lora=lora, live=True, layers=depth)
-        if c["peak_gib"] <= budget:
-            break
-        depth -= 1
-    p_layer = (b["params_b"] - a["params_b"]) / (b["layers"] - a["layers"])
-    return {"model": model, "mode": c["mode"], "layers": depth, "params_b": c["params_b"], "peak_gib": c["peak_gib"],
-            "per_layer_gib": per_layer, "fixed_gib": fixed, "params_per_layer_b": p_layer,
-            "next_layer_peak_gib": c["peak_gib"] + per_layer}
+def linear_fit(model: str, *, lora: bool, depths=(2, 4)) -> dict:
+    """Per-device peak memory of `model`'s DPO step as fixed + per_layer x layers, from compiles truncated to two
+    depths (memory is linear in depth at a fixed width); the full-depth row and its parameter count follow."""
+    import aot_topology as a
+
+    lo, hi = (measure(model, lora=lora, live=True, layers=d) for d in depths)
+    dl = hi["layers"] - lo["layers"]
+    fit = {k: ((hi[k] - lo[k]) / dl, lo[k] - (hi[k] - lo[k]) / dl * lo["layers"])
+           for k in ("peak_gib", "args_gib", "temp_gib", "params_b")}
+    L = a.model_config(model).num_hidden_layers
+    row = dict(lo, layers=L, reference="live", extrapolated=True,
+               **{k: fit[k][1] + fit[k][0] * L for k in fit})
+    return {"fit": fit, "row": row, "compiles": [lo, hi]}
+
+
+def largest(fit: dict, budget: float) -> dict:
+    """The deepest model of the fitted width whose peak is within `budget`."""
+    per, fixed = fit["fit"]["peak_gib"]
+    depth = int(math.floor((budget - fixed) / per))
+    p_per, p_fixed = fit["fit"]["params_b"]
+    return {"model": fit["row"]["model"], "mode": fit["row"]["mode"], "layers": depth,
+            "params_b": p_fixed + p_per * depth, "peak_gib": fixed + per * depth, "per_layer_gib": per,
+            "fixed_gib": fixed, "next_layer_peak_gib": fixed + per * (depth + 1)}
 
 
 def table(rows: list[dict]) -> str:
     out = ["| model | params | mode | reference | remat | arguments GiB | temporaries GiB | peak GiB |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} ({r['layers']} layers) | {r['params_b']:.2f} B | {r['mode']} | {r['reference']} | "
+        ext = ", extrapolated" if r.get("extrapolated") else ""
+        out.append(f"| {r['model']} ({r['layers']} layers{ext}) | {r['params_b']:.2f} B | {r['mode']} | {r['reference']} | "
                    f"{r['remat']} | {r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} |")
     return "\n".join(out)
 
@@ -150,6 +162,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--no-search", action="store_true", help="skip the largest-model search")
+    p.add_argument("--search-only", action="store_true", help="only the largest-model search")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     p.add_argument("--run", default="", help="MODEL[:LAYERS]:full|lora: run 2 steps of that DPO step with random "
                    "weights and report the process's peak memory against the compiled plan (nothing else)")
@@ -168,8 +181,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     total = machine_gib()
     budget = 0.9 * total
-    rows = []
-    for m in args.models.split(","):
+    rows, found = [], []
+    for m in [] if args.search_only else args.models.split(","):
+        if m in EXTRAPOLATED:  # compiled at 2 and 4 layers, extrapolated to the full depth
+            continue
         for lora in (False, True):
             for live in (True, False):
                 rows.append(measure(m, lora=lora, live=live))
@@ -178,13 +193,21 @@ def main(argv=None) -> None:
             for lora in (False, True):
                 rows.append(measure(m, lora=lora, live=True, remat="none"))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+    fits = {}
+    for m in EXTRAPOLATED:
+        if m not in args.models.split(",") and args.no_search:
+            continue
+        for lora in (False, True):
+            fits[(m, lora)] = linear_fit(m, lora=lora)
+            if not args.search_only:
+                rows.append(fits[(m, lora)]["row"])
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\nDPO step, {BATCH} pairs x {SEQ_LEN} tokens, bfloat16 parameters, one CPU device "
           f"(compiled memory analysis; {total:.1f} GiB machine, budget {budget:.1f} GiB):\n")
     print(table(rows))
-    found = []
     if not args.no_search:
         for model, lora in (("llama3.2-3b", False), ("llama3-8b", True)):
-            f = largest(model, lora=lora, budget=budget)
+            f = largest(fits[(model, lora)], budget)
             found.append(f)
             print(f"\nlargest {f['mode']} DPO step that fits {budget:.1f} GiB: {model} width with {f['layers']} layers = "
                   f"{f['params_b']:.2f} B parameters, peak {f['peak_gib']:.2f} GiB ({f['per_layer_gib']:.3f} GiB per "
@@ -192,7 +215,8 @@ def main(argv=None) -> None:
     print(f"\n(total {time.time() - t0:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "largest": found, "machine_gib": total, "budget_gib": budget}, f, indent=2)
+            json.dump({"rows": rows, "largest": found, "machine_gib": total, "budget_gib": budget,
+                       "fits": {f"{m}:{'lora' if lo else 'full'}": v for (m, lo), v in fits.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

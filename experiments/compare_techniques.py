@@ -511,14 +511,14 @@ def kl_to_sft(policy_path: str, sft_path: str, toy_dir: str, c, seed: int) -> fl
     from transformers import AutoTokenizer
 
     from align_jax.data.toy import read_jsonl
-    from align_jax.evaluation.policy import _prompt_ids
+    from align_jax.evaluation.policy import prompt_ids
     from align_jax.models import load_pretrained
     from align_jax.models.logps import completion_logps_jit
     from align_jax.sampling import Sampler
 
     tok = AutoTokenizer.from_pretrained(policy_path)
     prompts = [r["prompt"] for r in read_jsonl(os.path.join(toy_dir, "eval_prompts.jsonl"))][:c.kl_prompts]
-    ids = [_prompt_ids(tok, p) for p in prompts]
+    ids = [prompt_ids(tok, p) for p in prompts]
     P, N = max(len(x) for x in ids), c.kl_tokens
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     arr, mask = np.full((len(ids), P), pad, np.int32), np.zeros((len(ids), P), np.int32)

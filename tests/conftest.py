@@ -18,3 +18,26 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # of the resume test) do not recompile identical steps.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_jit_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# The paper ablations' end-to-end `--size=tiny` runs (the `out` fixture of tests/test_<experiment>.py) take 1-2
+# minutes each: together they would double the suite's 10-minute budget. They run with `--ablations`
+# (README: "Paper ablations"); their pure-function tests always run.
+ABLATION_MODULES = {"test_compare_techniques", "test_group_size", "test_length_bias", "test_overoptimization",
+                    "test_reward_kl_frontier", "test_label_noise"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--ablations", action="store_true", help="also run the paper ablations' tiny end-to-end runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--ablations"):
+        return
+    keep, drop = [], []
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+        (drop if name in ABLATION_MODULES and "out" in getattr(item, "fixturenames", ()) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

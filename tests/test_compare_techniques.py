@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 # the tiny size: RLHF and DPO clean, DPO with 30 % flipped pairs, seed 0
 GRID = {("RLHF", 0.0, 0), ("DPO", 0.0, 0), ("DPO", 0.3, 0)}
@@ -36,7 +36,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def ct():
-    return sys.modules.get("compare_techniques") or _module()
+    return load_experiment("compare_techniques")
 
 
 def _run(wd):

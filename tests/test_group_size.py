@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 # the tiny size
 SEEDS, GS, BUDGET, STEPS = (0, 1), (2, 4), 8, 2
@@ -31,7 +31,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def gs():
-    return sys.modules.get("group_size") or _module()
+    return load_experiment("group_size")
 
 
 def _run(wd):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 METHODS, EPS, SEEDS, N_TRAIN, N_EVAL = ("DPO", "ORPO"), (0.0, 0.4), (0, 1), 200, 32  # the tiny size
 
@@ -29,7 +29,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def ln():
-    return sys.modules.get("label_noise") or _module()
+    return load_experiment("label_noise")
 
 
 def _run(wd):

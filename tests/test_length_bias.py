@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 AGGS, SEEDS, STEPS, ROWS, CAP = ("grpo", "dr_grpo"), (0, 1), 3, 4 * 2, 16  # the tiny size
 
@@ -29,7 +29,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def lb():
-    return sys.modules.get("length_bias") or _module()
+    return load_experiment("length_bias")
 
 
 def _run(wd):
@@ -191,7 +191,7 @@ def _rows(d_incorrect):
 
 
 def lb_table_keys():
-    return (sys.modules.get("length_bias") or _module()).TABLE_KEYS
+    return (load_experiment("length_bias")).TABLE_KEYS
 
 
 def test_paired_difference_and_verdict_on_hand_made_numbers(lb):

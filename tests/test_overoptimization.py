@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 RM_PAIRS, SEEDS, BON_N, PPO_PAIRS, PPO_WINDOWS = (16, 48), (0,), (1, 2, 4), (16,), 2  # the tiny size
 
@@ -32,7 +32,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def oo():
-    return sys.modules.get("overoptimization") or _module()
+    return load_experiment("overoptimization")
 
 
 def _run(wd):

@@ -11,7 +11,8 @@ import sys
 from util import ROOT
 
 OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu"}  # reference implementations, never needed to run
-LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures"}
+LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation",
+         "aot_topology"}
 
 
 def _imports(path):

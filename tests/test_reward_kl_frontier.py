@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from util import ROOT
+from util import ROOT, load_experiment
 
 METHODS, VALUES, SEEDS = ("DPO", "PPO-gold"), {"DPO": (0.1, 0.3), "PPO-gold": (0.05, 0.2)}, (0, 1)  # the tiny size
 
@@ -30,7 +30,7 @@ def _module():
 
 @pytest.fixture(scope="module")
 def fr():
-    return sys.modules.get("reward_kl_frontier") or _module()
+    return load_experiment("reward_kl_frontier")
 
 
 def _run(wd, *extra):

@@ -77,3 +77,26 @@ def interrupt_and_check(proc, workdir: str, signum: int, returncode: int) -> str
     logged = max(m["step"] for m in map(json.loads, open(path)) if "loss" in m)
     assert saved == [logged], (saved, logged)
     return err
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py as a module (the experiments are scripts, not a package), once per process. Several
+    experiments define the same absl flag names (--size, --seeds, ...): the ones this script defines are dropped
+    from the global flags before it is loaded, so the pure-function tests of every experiment can share a process."""
+    import importlib.util
+    import re
+
+    from absl import flags
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(ROOT, "experiments", f"{name}.py")
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    for flag in re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', open(path).read()):
+        if flag in flags.FLAGS:
+            delattr(flags.FLAGS, flag)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -18,7 +18,7 @@ from align_jax.models.logps import pair_token_logps, seq_logps
 from align_jax.sampling import Sampler
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
+def prompt_ids(tokenizer, prompt) -> list[int]:
     """As the trainers tokenize a prompt: text with the tokenizer's special tokens (e.g. BOS), a conversation
     through the chat template with the generation prompt."""
     if isinstance(prompt, str):
@@ -31,7 +31,7 @@ def generate_completions(model, tokenizer, prompts, *, batch_size: int = 64, max
                          max_prompt_length: int | None = None) -> list[str]:
     """Completions (decoded without special tokens) for `prompts`, in order; a prompt longer than
     `max_prompt_length` tokens keeps its last ones."""
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     if max_prompt_length:
         ids = [x[-max_prompt_length:] for x in ids]
     P = max(len(x) for x in ids)

@@ -321,7 +321,7 @@ def _load(path: str, config: ModelConfig, mesh, extra: tuple[str, ...] = ()) -> 
     return nnx.merge(graphdef, nnx.from_flat_state(out)), extra_host
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
     """Gathers a (possibly sharded, possibly multi-host) array to host numpy."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -335,7 +335,7 @@ def _hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     tensors = {}
     for pth, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
         name, _, to_hf = key_map[pth]
-        tensors[name] = np.ascontiguousarray(to_hf(_host(var.get_value())))
+        tensors[name] = np.ascontiguousarray(to_hf(host_array(var.get_value())))
     return tensors
 
 
@@ -379,7 +379,7 @@ def save_reward_model(model: ScalarHeadModel, path: str, *, pad_token_id: int,
                     "transformers, train with a tokenizer that has a distinct pad token", path, pad_token_id)
     tensors = _hf_tensors(model.backbone)
     tensors.pop("lm_head.weight", None)
-    tensors[SCORE_NAME] = np.ascontiguousarray(_host(model.score[...]).reshape(1, -1))
+    tensors[SCORE_NAME] = np.ascontiguousarray(host_array(model.score[...]).reshape(1, -1))
     cfg = to_hf_config(config)
     cfg.update(architectures=[SEQ_CLS_ARCHITECTURES[config.model_type]], num_labels=1, id2label={"0": "LABEL_0"},
                label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id))

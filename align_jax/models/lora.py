@@ -43,7 +43,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def enabled(config) -> bool:
     """`config.lora.rank > 0` (configs without a `lora` section: False)."""
-    lora = config.get("lora")
+    lora = config.get("lora") if config is not None else None
     return bool(lora is not None and lora.get("rank", 0))
 
 
@@ -203,12 +203,12 @@ def save_peft_adapter(model, path: str, lora, *, base_model_name_or_path: str = 
     the transformers base model. Only process 0 writes."""
     from safetensors.numpy import save_file
 
-    from align_jax.models.checkpoint import _host
+    from align_jax.models.checkpoint import host_array
 
     tensors, targets = {}, set()
     for prefix, mod, w, name in _peft_modules(model):
-        a = _host(getattr(mod, f"lora_{w}_a")[...])
-        b = _host(getattr(mod, f"lora_{w}_b")[...])
+        a = host_array(getattr(mod, f"lora_{w}_a")[...])
+        b = host_array(getattr(mod, f"lora_{w}_b")[...])
         r = a.shape[-1]
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)

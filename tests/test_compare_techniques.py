@@ -4,7 +4,6 @@ pure helpers on hand-made inputs (noisy labels, roughness, the FLOP counter on a
 aggregation and verdicts)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -25,13 +24,6 @@ GRID = {("RLHF", 0.0, 0), ("DPO", 0.0, 0), ("DPO", 0.3, 0)}
 CALLS = {"DPO": 64, "RLHF": 232}
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("compare_techniques",
-                                                  os.path.join(ROOT, "experiments", "compare_techniques.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare_techniques"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ derived from the ranked groups are the rankings' own, a rerun trains nothing), i
 library's pairwise DPO at K = 2, and its pure helpers on hand-made inputs (pairs from a ranking, top-1, verdicts)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -20,13 +19,6 @@ SEEDS, GS, BUDGET, STEPS = (0, 1), (2, 4), 8, 2
 RMS, POLICIES, N_GROUPS = ("PL", "BT_half"), ("listwise_DPO",), 40
 
 
-def _module():
-    """experiments/group_size.py as a module (loaded from its path: the experiments are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("group_size", os.path.join(ROOT, "experiments", "group_size.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["group_size"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

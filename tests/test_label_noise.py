@@ -3,7 +3,6 @@ round(ε·n) pairs, deterministically in the seed, the soft labels on the same p
 pure helpers on hand-made inputs (flips, aggregation over seeds, the ORPO verdict)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -18,13 +17,6 @@ from util import ROOT, load_experiment
 METHODS, EPS, SEEDS, N_TRAIN, N_EVAL = ("DPO", "ORPO"), (0.0, 0.4), (0, 1), 200, 32  # the tiny size
 
 
-def _module():
-    """experiments/label_noise.py as a module (loaded from its path: the experiments are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("label_noise", os.path.join(ROOT, "experiments", "label_noise.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["label_noise"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

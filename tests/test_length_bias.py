@@ -3,7 +3,6 @@ holds one rollout per step and the same seed's first rollout is shared by every 
 and its pure helpers on hand-made inputs (correctness and lengths, per-step statistics, windows, the verdict)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -18,13 +17,6 @@ from util import ROOT, load_experiment
 AGGS, SEEDS, STEPS, ROWS, CAP = ("grpo", "dr_grpo"), (0, 1), 3, 4 * 2, 16  # the tiny size
 
 
-def _module():
-    """experiments/length_bias.py as a module (loaded from its path: the experiments are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("length_bias", os.path.join(ROOT, "experiments", "length_bias.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["length_bias"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ hand-made inputs (the unbiased best-of-n estimator against brute force over subs
 least-squares fits recovering known coefficients, peaks, windows)."""
 
 import csv
-import importlib.util
 import itertools
 import json
 import math
@@ -20,14 +19,6 @@ from util import ROOT, load_experiment
 RM_PAIRS, SEEDS, BON_N, PPO_PAIRS, PPO_WINDOWS = (16, 48), (0,), (1, 2, 4), (16,), 2  # the tiny size
 
 
-def _module():
-    """experiments/overoptimization.py as a module (loaded from its path: the experiments are scripts)."""
-    spec = importlib.util.spec_from_file_location("overoptimization",
-                                                  os.path.join(ROOT, "experiments", "overoptimization.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["overoptimization"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ SFT point has KL 0, the evaluation's log-probs agree with the sampler's, PPO-gol
 reward, a rerun trains nothing), and its pure helpers on hand-made inputs (KL estimate, frontier, verdict, flags)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -18,14 +17,6 @@ from util import ROOT, load_experiment
 METHODS, VALUES, SEEDS = ("DPO", "PPO-gold"), {"DPO": (0.1, 0.3), "PPO-gold": (0.05, 0.2)}, (0, 1)  # the tiny size
 
 
-def _module():
-    """experiments/reward_kl_frontier.py as a module (loaded from its path: the experiments are scripts)."""
-    path = os.path.join(ROOT, "experiments", "reward_kl_frontier.py")
-    spec = importlib.util.spec_from_file_location("reward_kl_frontier", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reward_kl_frontier"] = mod  # once per process: the module defines absl flags
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

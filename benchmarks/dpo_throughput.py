@@ -146,7 +146,8 @@ def _throughput(ends: list[float], tokens: list[int]) -> dict:
 # ------------------------------------------------------------------------------------------------ align-jax
 
 
-def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmup: int, bucket: int) -> dict:
+def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmup: int, bucket: int,
+            packing: bool = False) -> dict:
     import importlib.util
 
     import jax
@@ -186,16 +187,26 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
             out.append(ex)
         return out
 
+    # packed: every batch's 2B sequences first-fit into rows of the longest sequence's bucket (align_jax.data.packing)
+    packed = {"length": buckets[-1], "micro_batches": 1, "row_multiple": 1} if packing else None
+
     def collate(rs):
-        return host_batch(collate_pairwise(examples(rs), batch_size=batch_size, buckets=buckets, pad_id=PAD_ID))
+        return host_batch(collate_pairwise(examples(rs), batch_size=batch_size, buckets=buckets, pad_id=PAD_ID,
+                                           packed=packed))
+
+    def shape(host):  # what a compiled step depends on: the padded length, or the number of packed rows
+        return host["packed_input_ids"].shape[0] if packing else host["chosen_input_ids"].shape[1]
+
+    def cells(host):  # token places the forward computes (real + padding)
+        return host["packed_input_ids"].size if packing else 2 * host["chosen_input_ids"].size
 
     timed = batches_rows[warmup:warmup + steps]
-    timed_shapes = sorted({collate(b)["chosen_input_ids"].shape[1] for b in timed})
+    timed_shapes = sorted({shape(collate(b)) for b in timed})
     warm = batches_rows[:warmup]
-    seen = {collate(b)["chosen_input_ids"].shape[1] for b in warm}
-    for L in timed_shapes:  # one extra warm-up step per padded length not met yet
+    seen = {shape(collate(b)) for b in warm}
+    for L in timed_shapes:  # one extra warm-up step per compiled shape not met yet
         if L not in seen:
-            warm.append(next(b for b in timed if collate(b)["chosen_input_ids"].shape[1] == L))
+            warm.append(next(b for b in timed if shape(collate(b)) == L))
             seen.add(L)
 
     algorithm = get_algorithm("dpo")
@@ -227,7 +238,7 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     flops_by_len = {}
     for rs in timed:
         host = collate(rs)
-        L = host["chosen_input_ids"].shape[1]
+        L = shape(host)
         if L not in flops_by_len:
             cost = step_fn.lower(state, to_device(host, mesh), ref_params).compile().cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -240,9 +251,9 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     for rs in timed:
         state, metrics = one_step(state, rs)
         ends.append(time.perf_counter())
-    padded = sum(2 * batch_size * collate(b)["chosen_input_ids"].shape[1] for b in timed)
-    step_flops = sum(flops_by_len[collate(b)["chosen_input_ids"].shape[1]] for b in timed)
-    return {"side": "align-jax", **_throughput(ends, [real_tokens(b) for b in timed]), "padded_tokens": padded,
+    padded = sum(cells(collate(b)) for b in timed)
+    step_flops = sum(flops_by_len[shape(collate(b))] for b in timed)
+    return {"side": "align-jax packed" if packing else "align-jax", **_throughput(ends, [real_tokens(b) for b in timed]), "padded_tokens": padded,
             "flops": step_flops, "flops_per_second": step_flops / (ends[-1] - ends[0]), "matmul_peak": matmul_peak(),
             "warmup_seconds": ends[0] - t0, "warmup_steps": len(warm),
             "padded_lengths": timed_shapes, "loss_last": float(metrics["loss"]),
@@ -321,8 +332,9 @@ def _child(args):
     with open(os.path.join(args.workdir, "rows.json")) as f:
         rows = json.load(f)
     model_dir = os.path.join(args.workdir, "model")
-    if args.child == "jax":
-        res = run_jax(model_dir, rows, args.batch_size, args.steps, args.warmup, args.bucket)
+    if args.child in ("jax", "jax-packed"):
+        res = run_jax(model_dir, rows, args.batch_size, args.steps, args.warmup, args.bucket,
+                      packing=args.child == "jax-packed")
     else:
         res = run_trl(model_dir, rows, args.batch_size, args.steps, args.warmup)
     res["loadavg_after"] = os.getloadavg()
@@ -346,7 +358,8 @@ def _spawn(side, workdir, args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="toy,100m")
-    ap.add_argument("--sides", default="jax,trl")
+    ap.add_argument("--sides", default="jax,jax-packed,trl",
+                    help="jax (padded to buckets), jax-packed (align-jax's default for preference data), trl")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: toy 5, 100m 3)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps first; align-jax compiles here (default: toy 2, 100m 1)")
@@ -381,12 +394,21 @@ def main():
             for side in size_args.sides.split(","):
                 r = _spawn(side, wd, size_args)
                 res[side] = r
-                extra = (f", padded to {r['padded_lengths']} ({r['tokens'] / r['padded_tokens']:.0%} real)"
-                         if side == "jax" else f", torch threads {r['torch_threads']}")
+                extra = (f", {'rows' if side == 'jax-packed' else 'padded to'} {r['padded_lengths']} "
+                         f"({r['tokens'] / r['padded_tokens']:.0%} real)"
+                         if side.startswith("jax") else f", torch threads {r['torch_threads']}")
                 print(f"{r['side']:>9}: {r['tokens_per_second']:10.1f} real tokens/s (median step "
                       f"{r['median_tokens_per_second']:.1f})  ({r['tokens']} tokens in "
                       f"{r['seconds']:.2f} s; warm-up {r['warmup_steps']} steps {r['warmup_seconds']:.1f} s{extra}; "
                       f"load avg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f})")
+            if "jax" in res and "jax-packed" in res:
+                pk, pd = res["jax-packed"], res["jax"]
+                print(f"    packing: packed / padded align-jax = {pk['tokens_per_second'] / pd['tokens_per_second']:.2f}x"
+                      f" real tokens/s (median steps "
+                      f"{pk['median_tokens_per_second'] / pd['median_tokens_per_second']:.2f}x)")
+                if "trl" in res:
+                    print(f"    ratio: align-jax packed / TRL = "
+                          f"{pk['tokens_per_second'] / res['trl']['tokens_per_second']:.2f}x")
             if "jax" in res and "trl" in res:
                 ratio = res["jax"]["tokens_per_second"] / res["trl"]["tokens_per_second"]
                 med = res["jax"]["median_tokens_per_second"] / res["trl"]["median_tokens_per_second"]

@@ -1,6 +1,8 @@
 """Two processes x 2 CPU devices train exactly what one process x 4 devices trains: the same per-step losses for
-SFT, the reward model, DPO, ORPO and offline GRPO (the data pipeline gives every process its block of each
-global batch, so the global batches do not depend on the number of hosts), on one 4-device FSDP mesh."""
+SFT, DPO and offline GRPO (the data pipeline gives every process its block of each global batch, so the global
+batches do not depend on the number of hosts; DPO's pairs and offline GRPO's groups are packed into rows per
+process, which the step reads back across processes), on one 4-device FSDP mesh. (ORPO and the reward model read
+the same pairwise batches as DPO: tests/test_parallelism.py runs them on a split mesh.)"""
 
 import json
 import os
@@ -12,7 +14,7 @@ import numpy as np
 
 from util import ROOT, SHARED
 
-ALGOS = "sft,reward_model,dpo,orpo,grpo_offline"
+ALGOS = "sft,dpo,grpo_offline"
 
 WORKER = r"""
 import json, os, sys, tempfile

@@ -1,6 +1,8 @@
-"""Every trainer under a mesh that splits all three axes (data 2 x fsdp 2 x tensor 2 on 8 CPU devices: FSDP and
-tensor parallelism of the policy, the reference, the reward and value models, and the sampler on the training
-mesh) gives the per-step losses of the same run on one device."""
+"""Every kind of trainer under a mesh that splits all three axes (data 2 x fsdp 2 x tensor 2 on 8 CPU devices: FSDP
+and tensor parallelism of the policy, the reference, the reward and value models, and the sampler on the training
+mesh) gives the per-step losses of the same run on one device: SFT, the reward model and DPO (packed pairwise
+batches; ORPO reads the same batches through the same log-prob helper), offline GRPO (packed groups), online GRPO
+(RLOO is the same rollout with another advantage) and PPO."""
 
 import json
 import os
@@ -18,11 +20,9 @@ RUNS = {
     "sft": ("sft", "tiny", {}),
     "reward_model": ("reward_model", "tiny", {}),
     "dpo": ("dpo", "tiny", {}),
-    "orpo": ("orpo", "tiny", {}),
     "grpo_offline": ("grpo", "tiny,offline", {}),
     "grpo": ("grpo", "tiny", {"rewards.functions": ("toy_gold", "test_rloo:char_length_reward"),
                               "loss.kwargs.beta": 0.04}),
-    "rloo": ("rloo", "tiny", {"rewards.functions": ("toy_gold", "test_rloo:char_length_reward")}),
     "ppo": ("ppo", "tiny", {}),
 }
 

@@ -14,10 +14,17 @@ from align_jax.algorithms import reference_cache
 from align_jax.train import train
 
 DATA_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_refcache_tfds")
+TOY_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_test_refcache_toy")
+N_PAIRS = 160  # a small toy pair file: the reference pass over it is what every run here pays
 
 
 def _cfg(**kw):
+    if not os.path.exists(os.path.join(TOY_DIR, "pairs.jsonl")):
+        from align_jax.data.toy import datasets
+
+        datasets.generate(TOY_DIR, n_sft=8, n_pairs=N_PAIRS, n_groups=8, n_prompts=8, n_eval=8, n_eval_pairs=8)
     return load_config("dpo", **{"data.eval": "", "data.length_buckets": (64,), "total_steps": 4,
+                                 "data.toy_dir": TOY_DIR,
                                  "checkpoint.every_steps": 2, "reference.precompute": True,
                                  "data.data_dir": DATA_DIR, "export": False, "eval_batch_size": 64, **kw})
 
@@ -47,7 +54,7 @@ def test_written_once_and_reused_with_the_same_numbers(first, tmp_path, caplog):
     with np.load(os.path.join(DATA_DIR, reference_cache.DIRNAME, files[0])) as f:
         table = f["table"]
         desc = json.loads(str(f["desc"]))
-    assert table.shape == (2000, 2) and np.isfinite(table).all() and (table < 0).all()  # sums of log-probs
+    assert table.shape == (N_PAIRS, 2) and np.isfinite(table).all() and (table < 0).all()  # sums of log-probs
     assert desc["what"] == "dpo_pair_logps" and desc["loader"]["max_length"] == 64
     with caplog.at_level(logging.INFO, logger="align_jax.algorithms.dpo"):
         train(_cfg(), str(tmp_path / "second"))

@@ -156,6 +156,7 @@ def validate(config) -> None:
                                    f"(TRL's default is 0.1)")
 
 
-DPO = register(Algorithm("dpo", "pairwise", dpo_loss, dpo_eval, needs_reference=True, loss_prefixes=("dpo",),
+DPO = register(Algorithm("dpo", "pairwise", dpo_loss, dpo_eval, needs_reference=True, supports_packing=True,
+                         loss_prefixes=("dpo",),
                          filled_loss_args=("label_probs", "chosen_lengths", "rejected_lengths"), validate=validate,
                          precompute_reference=precompute_reference))

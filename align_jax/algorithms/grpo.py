@@ -64,7 +64,7 @@ from align_jax import losses
 from align_jax.algorithms.base import Algorithm, register
 from align_jax.errors import refuse
 from align_jax.losses.common import masked_count, masked_sum, safe_div
-from align_jax.models.logps import completion_logps, completion_token_logps
+from align_jax.models.logps import completion_logps, is_packed, packed_token_logps, unpack
 from align_jax.ops import token_logps
 from align_jax.rl.rollout import GroupRollout, validate_online, validate_sampling
 
@@ -182,13 +182,19 @@ def make_grpo_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) 
 
 
 def _flat_logps(model, batch, chunk_size: int, return_entropy: bool):
-    """Groupwise batch [B, K, L] -> per-token log-probs (and entropies) of tokens 1..L-1 and the loss mask,
-    [B·K, L-1] (rows of padded group slots are masked)."""
-    B, K, L = batch["input_ids"].shape
-    ids, attn, comp = (batch[k].reshape(B * K, L) for k in ("input_ids", "attention_mask", "completion_mask"))
-    h = model(ids, attn, None, None, return_hidden=True)
-    out = token_logps(h[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
-                      return_entropy=return_entropy)
+    """Groupwise batch [B, K, L] (padded or packed) -> per-token log-probs (and entropies) of tokens 1..L-1 and
+    the loss mask, [B·K, L-1] (rows of padded group slots are masked)."""
+    B, K, L = batch["attention_mask"].shape
+    attn, comp = (batch[k].reshape(B * K, L) for k in ("attention_mask", "completion_mask"))
+    if is_packed(batch):
+        index = batch["token_index"].reshape(B * K, L)
+        packed = packed_token_logps(model, batch, chunk_size, return_entropy)
+        out = tuple(unpack(x, index)[:, :-1] for x in packed) if return_entropy else unpack(packed, index)[:, :-1]
+    else:
+        ids = batch["input_ids"].reshape(B * K, L)
+        h = model(ids, attn, None, None, return_hidden=True)
+        out = token_logps(h[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
+                          return_entropy=return_entropy)
     mask = comp[:, 1:].astype(jnp.float32) * attn[:, 1:].astype(jnp.float32)
     valid = (batch["group_mask"] * batch["example_weight"][:, None]).reshape(B * K).astype(jnp.float32)
     return out, mask * valid[:, None]
@@ -213,10 +219,7 @@ def grpo_offline_loss(model, batch, ref_model, cfg):
     adv = offline_advantages(batch, g.get("offline_advantages", "ranks"), g.get("scale_rewards", "group"))
     ref = None
     if ref_model is not None:
-        B, K, L = batch["input_ids"].shape
-        ref, _ = completion_token_logps(ref_model, batch["input_ids"].reshape(B * K, L),
-                                        batch["attention_mask"].reshape(B * K, L),
-                                        batch["completion_mask"].reshape(B * K, L), chunk_size=cfg.chunk_size)
+        ref, _ = _flat_logps(ref_model, batch, cfg.chunk_size, False)
         ref = jax.lax.stop_gradient(ref)
         if "policy_is_reference" in batch:  # before the first update π = π_ref exactly
             ref = jnp.where(batch["policy_is_reference"], jax.lax.stop_gradient(logps), ref)
@@ -246,4 +249,4 @@ GRPO = register(Algorithm("grpo", "prompt_only", grpo_train_loss, grpo_eval, nee
                           loss_prefixes=("grpo",), filled_loss_args=_GRPO_FILLED, make_rollout=make_grpo_rollout,
                           validate=validate_grpo_config, steps_per_rollout=grpo_steps))
 GRPO_OFFLINE = register(Algorithm("grpo_offline", "groupwise", grpo_offline_loss, grpo_offline_eval,
-                                  needs_reference=True, loss_prefixes=("grpo",), filled_loss_args=_GRPO_FILLED))
+                                  needs_reference=True, supports_packing=True, loss_prefixes=("grpo",), filled_loss_args=_GRPO_FILLED))

@@ -35,5 +35,5 @@ def orpo_eval(model, batch, ref_model, cfg):
             "rewards/accuracies": (c > r).astype(jnp.float32), "nll_loss": -c, "loss": loss}
 
 
-ORPO = register(Algorithm("orpo", "pairwise", orpo_loss, orpo_eval, loss_prefixes=("orpo",),
+ORPO = register(Algorithm("orpo", "pairwise", orpo_loss, orpo_eval, loss_prefixes=("orpo",), supports_packing=True,
                           filled_loss_args=("label_probs", "nll_mask")))

@@ -10,10 +10,24 @@ import jax.numpy as jnp
 from align_jax import losses
 from align_jax.algorithms.base import Algorithm, register
 from align_jax.models.heads import sequence_scores
+from align_jax.models.logps import is_packed, last_token_places, unpack
+
+
+def packed_scores(model, batch, token_index_NxL, attention_mask_NxL):
+    """Scores [N] of the packed sequences: the head at each one's last token."""
+    seg = batch["packed_segment_ids"]
+    s_RxL = model(batch["packed_input_ids"], (seg > 0).astype(jnp.int32), batch["packed_positions"], seg)
+    return unpack(s_RxL, last_token_places(token_index_NxL, attention_mask_NxL))
 
 
 def pair_rewards(model, batch):
-    """Scores of the chosen and rejected sequences ([B] each), one concatenated forward."""
+    """Scores of the chosen and rejected sequences ([B] each), one concatenated forward (packed or padded)."""
+    if is_packed(batch):
+        B = batch["label_probs"].shape[0]
+        s = packed_scores(model, batch,
+                          jnp.concatenate([batch["chosen_token_index"], batch["rejected_token_index"]]),
+                          jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]))
+        return s[:B], s[B:]
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     s = sequence_scores(model, ids, attn)
@@ -23,7 +37,10 @@ def pair_rewards(model, batch):
 
 def group_scores(model, batch):
     """Scores [B, K] of a groupwise batch [B, K, L]."""
-    B, K, L = batch["input_ids"].shape
+    B, K, L = batch["attention_mask"].shape
+    if is_packed(batch):
+        return packed_scores(model, batch, batch["token_index"].reshape(B * K, L),
+                             batch["attention_mask"].reshape(B * K, L)).reshape(B, K)
     s = sequence_scores(model, batch["input_ids"].reshape(B * K, L), batch["attention_mask"].reshape(B * K, L))
     return s.reshape(B, K)
 
@@ -50,4 +67,5 @@ def reward_eval(model, batch, ref_model, cfg):
 
 
 REWARD_MODEL = register(Algorithm("reward_model", "pairwise", reward_loss, reward_eval, scalar_head=True,
+                                  supports_packing=True,
                                   loss_prefixes=("reward", "ranking"), filled_loss_args=("label_probs",)))

@@ -30,7 +30,8 @@ The pipeline (Grain's dataset API)::
       .to_iter_dataset()
       .map(decode + tokenize)                             # align_jax.data.tokenize, TRL 1.x semantics
       [FirstFitPackIterDataset]                           # SFT packing=True
-      .batch(batch_size, drop_remainder, batch_fn=collate) # right-pad to a length bucket
+      .batch(batch_size, drop_remainder, batch_fn=collate) # right-pad to a length bucket (preference data with
+                                                          # packing=True: pack the batch's sequences into rows)
       [ThreadPrefetchIterDataset]                         # prefetch > 0
 
 Tokenization runs on the consumer side of ``to_iter_dataset`` (one thread; with ``prefetch`` one background
@@ -45,7 +46,9 @@ False``, for eval) is padded with rows of ``example_weight`` 0. Batches (numpy, 
 
 * pairwise: ``chosen_input_ids, chosen_attention_mask, chosen_completion_mask [B,L]`` and the same three
   ``rejected_*`` (one L for both), ``label_probs [B]`` f32 (soft label, 1.0 for hard labels),
-  ``example_weight [B]`` f32.
+  ``example_weight [B]`` f32. Packed (``packing=True``): ``packed_input_ids, packed_segment_ids,
+  packed_positions [R, max_length]`` and ``<side>_token_index [B, max_length]`` instead of ``<side>_input_ids``
+  (masks at L = max_length; ``align_jax.data.packing``). Groupwise the same with ``token_index [B,K,L]``.
 * groupwise: ``input_ids, attention_mask, completion_mask [B,K,L]``, ``ranks [B,K]`` (-1 on padding),
   ``scores [B,K]`` f32, ``group_mask [B,K]``, ``example_weight [B]``. K = ``group_size`` (a larger group is a
   bad example), or the largest group of the batch when ``group_size`` is None (then shapes vary).
@@ -81,7 +84,7 @@ import grain
 import numpy as np
 import tqdm
 
-from align_jax.data import formats, tokenize
+from align_jax.data import formats, packing, tokenize
 from align_jax.data.formats import DataError, InvalidRecord, SkipLog
 
 logger = logging.getLogger(__name__)
@@ -332,15 +335,29 @@ def _weights(n: int, rows: int) -> np.ndarray:
     return w
 
 
-def collate_pairwise(examples, *, batch_size, buckets, pad_id):
+def collate_pairwise(examples, *, batch_size, buckets, pad_id, packed=None):
+    """`packed` = {"length", "micro_batches", "row_multiple"}: the pairs' 2B sequences packed into rows
+    (`align_jax.data.packing`) instead of right-padded [B, bucket] arrays per side."""
     n = len(examples)
-    length = bucket_length(
-        max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples), buckets
-    )
-    out = {}
+    if packed:
+        length = packed["length"]
+        empty = [np.zeros((0,), np.int32)] * (batch_size - n)
+        seqs = ([e["chosen_input_ids"] for e in examples] + empty
+                + [e["rejected_input_ids"] for e in examples] + empty)
+        A = packed["micro_batches"]
+        p = packing.pack_batch(seqs, [k % A for k in range(batch_size)] * 2, length=length, pad_id=pad_id,
+                               micro_batches=A, row_multiple=packed["row_multiple"])
+        out = {k: v for k, v in p.items() if k.startswith(packing.PACKED_PREFIX)}
+        out["chosen_token_index"], out["rejected_token_index"] = np.split(p["token_index"], 2)
+    else:
+        length = bucket_length(
+            max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples), buckets
+        )
+        out = {}
     for side in ("chosen", "rejected"):
         ids = [e[f"{side}_input_ids"] for e in examples]
-        out[f"{side}_input_ids"] = pad_right(ids, length, pad_id, batch_size)
+        if not packed:
+            out[f"{side}_input_ids"] = pad_right(ids, length, pad_id, batch_size)
         out[f"{side}_attention_mask"] = pad_right([np.ones_like(s) for s in ids], length, 0, batch_size)
         out[f"{side}_completion_mask"] = pad_right(
             [e[f"{side}_completion_mask"] for e in examples], length, 0, batch_size
@@ -355,10 +372,14 @@ def collate_pairwise(examples, *, batch_size, buckets, pad_id):
     return out
 
 
-def collate_groupwise(examples, *, batch_size, buckets, pad_id, group_size):
+def collate_groupwise(examples, *, batch_size, buckets, pad_id, group_size, packed=None):
+    """`packed`: as `collate_pairwise`, the B·K responses packed into rows (`token_index` [B, K, L])."""
     n = len(examples)
     k = group_size or max(len(e["input_ids"]) for e in examples)
-    length = bucket_length(max(len(s) for e in examples for s in e["input_ids"]), buckets)
+    if packed:
+        length = packed["length"]
+    else:
+        length = bucket_length(max(len(s) for e in examples for s in e["input_ids"]), buckets)
     ids = np.full((batch_size, k, length), pad_id, np.int32)
     attn = np.zeros((batch_size, k, length), np.int32)
     comp = np.zeros((batch_size, k, length), np.int32)
@@ -372,8 +393,18 @@ def collate_groupwise(examples, *, batch_size, buckets, pad_id, group_size):
             comp[b, j, : len(s)] = m
         g = len(e["input_ids"])
         ranks[b, :g], scores[b, :g], group_mask[b, :g] = e["ranks"], e["scores"], 1
+    out = {"input_ids": ids}
+    if packed:
+        empty = np.zeros((0,), np.int32)
+        seqs = [(e["input_ids"][j] if b < n and j < len(e["input_ids"]) else empty)
+                for b, e in enumerate(examples + [None] * (batch_size - n)) for j in range(k)]
+        A = packed["micro_batches"]
+        p = packing.pack_batch(seqs, [b % A for b in range(batch_size) for _ in range(k)], length=length,
+                               pad_id=pad_id, micro_batches=A, row_multiple=packed["row_multiple"])
+        out = {key: v for key, v in p.items() if key.startswith(packing.PACKED_PREFIX)}
+        out["token_index"] = p["token_index"].reshape(batch_size, k, length)
     return {
-        "input_ids": ids,
+        **out,
         "attention_mask": attn,
         "completion_mask": comp,
         "ranks": ranks,
@@ -491,6 +522,8 @@ def make_loader(
     length_buckets: tuple[int, ...] | None = (64, 128, 256, 512),
     group_size: int | None = None,
     packing: bool = False,
+    micro_batches: int = 1,
+    row_multiple: int = 1,
     drop_remainder: bool = True,
     shard_by_process: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
@@ -511,11 +544,17 @@ def make_loader(
     ``pad_token_id`` defaults to the tokenizer's pad token, else its EOS (as TRL).
     ``read_options``: threads / buffer reading records ahead (default 4 threads, ``max(64, 4 * batch_size)``
     records); ``prefetch``: batches made ahead in a background thread (0 = none).
+    ``packing``: sft: several examples per row (``FirstFitPackIterDataset``); pairwise / groupwise: each batch's
+    sequences packed into ``max_length`` rows (``align_jax.data.packing``), packed separately for each of
+    ``micro_batches`` (gradient accumulation), rows rounded up to a multiple of ``row_multiple``.
     """
     if kind not in formats.KINDS:
         raise ValueError(f"kind must be one of {formats.KINDS}, got {kind!r}")
-    if packing and kind != "sft":
-        raise ValueError("packing is only for kind='sft'")
+    if packing and kind == "prompt_only":
+        raise ValueError("packing is for kind='sft', 'pairwise' or 'groupwise'")
+    if batch_size % micro_batches or row_multiple % micro_batches:
+        raise ValueError(f"batch_size {batch_size} and row_multiple {row_multiple} must be multiples of "
+                         f"micro_batches {micro_batches}")
     if max_length is None and not length_buckets:
         raise ValueError("set max_length or length_buckets")
     buckets = tuple(sorted(length_buckets)) if length_buckets else (max_length,)
@@ -550,7 +589,7 @@ def make_loader(
         read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(64, 4 * batch_size))
     it_ds = ds.to_iter_dataset(read_options)
     it_ds = it_ds.map(functools.partial(_example, **kw))
-    if packing:
+    if packing and kind == "sft":
         it_ds = grain.experimental.FirstFitPackIterDataset(
             it_ds,
             length_struct={"input_ids": max_length, "completion_mask": max_length},
@@ -560,6 +599,9 @@ def make_loader(
     collate = functools.partial(_COLLATE[kind], batch_size=batch_size, buckets=buckets, pad_id=pad_token_id)
     if kind == "groupwise":
         collate = functools.partial(collate, group_size=group_size)
+    if packing and kind in ("pairwise", "groupwise"):
+        collate = functools.partial(collate, packed={"length": max_length, "micro_batches": micro_batches,
+                                                     "row_multiple": row_multiple})
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
     if prefetch:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)

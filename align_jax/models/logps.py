@@ -32,8 +32,55 @@ def completion_token_logps(model, input_ids_BxT, attention_mask_BxT, completion_
     return logps, mask
 
 
+def unpack(x_RxL, index):
+    """`x` [R, L, ...] (a value at every place of packed rows) at the flat places `index` [N, ...] (row·L + column
+    within the rows of the sequence's process: `align_jax.data.packing`): [N, ..., ...]. With several processes
+    the global rows and sequences are the processes' blocks in process order, so sequence n's rows start at
+    block n // (N / P) of the rows."""
+    R, L = x_RxL.shape[:2]
+    N, P = index.shape[0], jax.process_count()
+    if P > 1:
+        owner = jnp.arange(N, dtype=index.dtype) // (N // P)
+        index = index + (owner * (R // P) * L).reshape((N,) + (1,) * (index.ndim - 1))
+    return x_RxL.reshape((R * L,) + x_RxL.shape[2:])[index]
+
+
+def is_packed(batch) -> bool:
+    return "packed_input_ids" in batch
+
+
+def packed_token_logps(model, batch, chunk_size: int, return_entropy: bool = False):
+    """log π(token c+1 | its segment up to c) at every place (r, c) of the packed rows, [R, L] (last column 0;
+    and the entropies when `return_entropy`)."""
+    ids, seg = batch["packed_input_ids"], batch["packed_segment_ids"]
+    h_RxLxD = model(ids, (seg > 0).astype(jnp.int32), batch["packed_positions"], seg, return_hidden=True)
+    out = token_logps(h_RxLxD[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
+                      return_entropy=return_entropy)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731
+    return tuple(map(pad, out)) if return_entropy else pad(out)
+
+
+def unpacked_token_logps(logps_RxL, token_index_NxL, attention_mask_NxL, completion_mask_NxL):
+    """The padded layout of packed log-probs: (logps, mask) [N, L-1] as `completion_token_logps` gives them for
+    right-padded rows of length L (token t+1 of a sequence is predicted at its token t's place)."""
+    logps = unpack(logps_RxL, token_index_NxL)[:, :-1]
+    mask = completion_mask_NxL[:, 1:].astype(jnp.float32) * attention_mask_NxL[:, 1:].astype(jnp.float32)
+    return logps, mask
+
+
+def last_token_places(token_index_NxL, attention_mask_NxL):
+    """The packed place of each sequence's last token ([N])."""
+    last = jnp.maximum(attention_mask_NxL.sum(-1) - 1, 0)
+    return jnp.take_along_axis(token_index_NxL, last[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def pair_token_logps(model, batch, chunk_size):
-    """Chosen and rejected in one concatenated forward: returns (chosen, rejected) x (logps, mask) [B, T-1]."""
+    """Chosen and rejected in one concatenated forward: returns (chosen, rejected) x (logps, mask) [B, T-1]. A
+    packed batch (`align_jax.data.packing`): one forward over its rows, the same values in the padded layout."""
+    if is_packed(batch):
+        lp = packed_token_logps(model, batch, chunk_size)
+        return tuple(unpacked_token_logps(lp, batch[f"{s}_token_index"], batch[f"{s}_attention_mask"],
+                                          batch[f"{s}_completion_mask"]) for s in ("chosen", "rejected"))
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     comp = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])

@@ -62,18 +62,24 @@ def constrain_batch(x):
 def same_shapes_across_processes(batch: dict) -> dict:
     """With several processes, each pads its rows to its own length bucket; a global array needs one shape. Pads
     every array on the right of its last axis to the largest length any process has (padding = 0: masks 0, so
-    the padded positions count nowhere; right-padded layouts only). One process: unchanged."""
+    the padded positions count nowhere; right-padded layouts only), and packed rows (`packed_*`,
+    `align_jax.data.packing`) to the most rows any process has (rows of segment 0 appended: the places the
+    sequences' token indices point to do not move). One process: unchanged."""
     if jax.process_count() == 1:
         return batch
     from jax.experimental import multihost_utils
 
     keys = sorted(batch)
     lengths = np.array([batch[k].shape[-1] if batch[k].ndim > 1 else 0 for k in keys], np.int64)
-    longest = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, len(keys)).max(0)
+    rows = np.array([batch[k].shape[0] if k.startswith("packed_") else 0 for k in keys], np.int64)
+    both = np.asarray(multihost_utils.process_allgather(np.concatenate([lengths, rows])))
+    longest, most = both.reshape(-1, 2, len(keys)).max(0)
     out = {}
-    for k, n in zip(keys, longest):
+    for k, n, r in zip(keys, longest, most):
         v = batch[k]
         if v.ndim > 1 and v.shape[-1] < n:
             v = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, int(n) - v.shape[-1])])
+        if v.shape[0] < r:
+            v = np.pad(v, [(0, int(r) - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
         out[k] = v
     return out

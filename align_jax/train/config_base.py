@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 0  # 0 = no separate prompt limit
     c.data.truncation_mode = "keep_start"  # keep_start | keep_end (TRL)
     c.data.length_buckets = (64, 128)  # batches are padded to the smallest bucket that fits: no recompiles
-    c.data.packing = False  # SFT only: pack several examples per row (segment ids keep them apart)
+    # Several sequences per row (segment ids keep them apart). None: on for preference data (DPO, ORPO, reward
+    # models, offline GRPO: each batch's sequences packed, the same batches and losses as padded), off for SFT.
+    c.data.packing = None
     c.data.group_size = 0  # groupwise: responses per prompt K (0 = largest in the data)
     c.data.on_bad_example = "raise"  # raise | skip (skipped examples are counted and logged)
     c.data.shuffle = True

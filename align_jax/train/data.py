@@ -104,6 +104,14 @@ def _build_here(spec: str, kind: str, workdir: str, config, key: str, split: str
     return source, stats, os.path.relpath(str(builder.data_dir), data_dir)
 
 
+def packing_enabled(config, algorithm, kind: str) -> bool:
+    """`data.packing`; None (the default) = on for preference data (pairwise / groupwise) where the algorithm
+    supports it, off for SFT (TRL's default) and prompts."""
+    if config.data.packing is None:
+        return algorithm.supports_packing and kind in ("pairwise", "groupwise")
+    return bool(config.data.packing)
+
+
 def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
     from align_jax.data import make_loader
 
@@ -112,9 +120,12 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
     kw = dict(kind=kind, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length or None,
               truncation_mode=config.data.truncation_mode, length_buckets=tuple(config.data.length_buckets),
               group_size=config.data.group_size or None, on_bad_example=config.data.on_bad_example)
+    accum = config.optimizer.grad_accum_steps
     train, skips = make_loader(train_source, tokenizer, batch_size=config.batch_size // jax.process_count(),
                                seed=config.seed, shuffle=config.data.shuffle, num_epochs=None,
-                               packing=config.data.packing, drop_remainder=True, prefetch=2, **kw)
+                               packing=packing_enabled(config, algorithm, kind), micro_batches=accum,
+                               row_multiple=accum * jax.local_device_count(), drop_remainder=True, prefetch=2,
+                               **kw)
     eval_fn = None
     if config.data.eval:
         eval_source, _, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")

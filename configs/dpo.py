@@ -16,6 +16,9 @@ def get_config(arg: str = ""):
     c.loss.name = "dpo:sigmoid"  # any dpo:* variant of align_jax.losses
     c.loss.kwargs = {"beta": 0.1, "label_smoothing": 0.0}
     c.loss.reference_free = False  # True: no reference model (ref log-probs 0)
+    # The reference's log-probs computed once before training (and kept on disk next to the data), so the step
+    # runs no reference forward; False: a live reference forward in every step (TRL's default)
+    c.reference.precompute = True
     c.data.train = "toy:pairs"
     c.data.eval = "toy:eval_pairs"
     c.data.max_length = 64  # toy examples are ~20-45 tokens

@@ -71,7 +71,8 @@ def test_precomputed_reference_equals_live_reference(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(rows))
     small = {"data.train": str(tmp_path / "pairs.jsonl"), "total_steps": 2}
     # The live run also uses remat (values are unchanged by rematerialisation; the reference runs without it).
-    live = train(_cfg_dpo(tmp_path, **small, **{"model.remat": "dots"}), str(tmp_path / "live"))
+    live = train(_cfg_dpo(tmp_path, **small, **{"model.remat": "dots", "reference.precompute": False}),
+                 str(tmp_path / "live"))
     pre = train(_cfg_dpo(tmp_path, **small, **{"reference.precompute": True}), str(tmp_path / "pre"))
     a, b = train_metrics(str(tmp_path / "live")), train_metrics(str(tmp_path / "pre"))
     for step in (1, 2):

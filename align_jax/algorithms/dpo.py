@@ -12,6 +12,7 @@ rewards/accuracies, logps/chosen, logps/rejected, and `loss` = the configured lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax import losses
 from align_jax.algorithms import reference_cache
@@ -106,7 +108,9 @@ def precompute_reference(config, data, ref_model, mesh, tokenizer):
     t0 = time.perf_counter()
     table = np.full((n, 2), np.nan, np.float32)
 
-    @jax.jit
+    # Every process reads the same batches (not sharded by process): the global batch is P copies of them, and the
+    # result is replicated so that each process can read it (its own block = the first one).
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def ref_logps(params, batch):
         m = nnx.merge(graphdef, params, rest)
         (c_lp, c_m), (r_lp, r_m) = pair_token_logps(m, batch, config.chunk_size)
@@ -120,7 +124,7 @@ def precompute_reference(config, data, ref_model, mesh, tokenizer):
         c, r = jax.device_get(ref_logps(params, to_device(host, mesh)))
         idx = host["record_index"]
         ok = idx >= 0
-        table[idx[ok], 0], table[idx[ok], 1] = np.asarray(c)[ok], np.asarray(r)[ok]
+        table[idx[ok], 0], table[idx[ok], 1] = np.asarray(c)[:len(idx)][ok], np.asarray(r)[:len(idx)][ok]
     if use_cache:
         path = reference_cache.save(data.data_dir, key, table, desc)
         log.info("reference log-probs of %d pairs computed in %.1f s, kept in %s", n, time.perf_counter() - t0, path)

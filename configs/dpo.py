@@ -32,6 +32,7 @@ def get_config(arg: str = ""):
     c.eval_generation = 100  # toy task: also answer 100 held-out prompts and score them per axis
     if arg == "tiny":
         tiny(c, steps=6, checkpoint_every=3)
+        c.eval_batch_size = 64  # also the precomputed reference's batch: one pass over the 2000 toy pairs in seconds
         c.eval_batches = 2
         c.eval_every = 0
         c.eval_generation = 0

@@ -1,8 +1,8 @@
 """Every kind of trainer under a mesh that splits all three axes (data 2 x fsdp 2 x tensor 2 on 8 CPU devices: FSDP
 and tensor parallelism of the policy, the reference, the reward and value models, and the sampler on the training
-mesh) gives the per-step losses of the same run on one device: SFT, the reward model and DPO (packed pairwise
-batches; ORPO reads the same batches through the same log-prob helper), offline GRPO (packed groups), online GRPO
-(RLOO is the same rollout with another advantage) and PPO."""
+mesh) gives the per-step losses of the same run on one device: SFT, DPO (packed pairwise batches; ORPO reads the
+same batches through the same log-prob helper; PPO's reward and value models run the scalar head sharded here),
+offline GRPO (packed groups), online GRPO (RLOO is the same rollout with another advantage) and PPO."""
 
 import json
 import os
@@ -18,7 +18,6 @@ from util import ROOT, load_config
 # algorithm -> (config file, config arg, overrides)
 RUNS = {
     "sft": ("sft", "tiny", {}),
-    "reward_model": ("reward_model", "tiny", {}),
     "dpo": ("dpo", "tiny", {}),
     "grpo_offline": ("grpo", "tiny,offline", {}),
     "grpo": ("grpo", "tiny", {"rewards.functions": ("toy_gold", "test_rloo:char_length_reward"),

@@ -30,13 +30,24 @@ def pytest_addoption(parser):
     parser.addoption("--ablations", action="store_true", help="also run the paper ablations' tiny end-to-end runs")
 
 
+# The longest tests (each 1-4 minutes on 2 cores: several processes, many compiled steps) run first, so that
+# pytest-xdist's two workers share them instead of one worker finishing them alone at the end.
+FIRST = ("test_parallelism", "test_multihost", "test_multihost_equality", "test_multihost_resume", "test_lora",
+         "test_faults", "test_train", "test_packing")
+
+
+def _module(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FIRST.index(_module(item)) if _module(item) in FIRST else len(FIRST))
     if config.getoption("--ablations"):
         return
     keep, drop = [], []
     for item in items:
-        module = getattr(item, "module", None)
-        name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+        name = _module(item)
         (drop if name in ABLATION_MODULES and "out" in getattr(item, "fixturenames", ()) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -22,25 +22,25 @@ ROOT = os.path.join(HERE, "..")
 
 
 def write_json_atomic(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def write_csv(path: str, rows: list[dict], fields: list[str]) -> None:
     """Every run as a row (missing fields empty), written atomically: an interrupted experiment never leaves half."""
-    with open(path + ".tmp", "w", newline="") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows([{k: r.get(k, "") for k in fields} for r in rows])
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def cached_run(run_dir: str, signature: dict, compute, *, keep_export: bool = True) -> dict:
@@ -115,6 +115,66 @@ def use_compile_cache(wd: str) -> None:
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(wd, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def parallel_cells(jobs: int, wd: str) -> None:
+    """Runs this script's grid in `jobs` child processes, one CPU each: child i runs the same command with
+    `--shard=i/jobs --jobs=1 --threads=0`, pinned to the i-th CPU this machine has, and computes the grid's cells
+    i, i + jobs, ... (`in_shard`). The caller has run the shared stages (SFT, a shared reward model) first; the
+    children's cells land in the workdir's cache, so the caller's own pass afterwards only reads them and writes
+    the report. Each run still computes on one core, so the numbers are those of a `--jobs=1` run (XLA:CPU gives
+    the same bits on core 0 and core 1; `align_jax.cli.pin_threads`). A failed child stops the experiment, naming
+    its log."""
+    import subprocess
+
+    from align_jax.errors import UserError
+
+    cpus = sorted(_all_cpus())
+    jobs = min(jobs, len(cpus))
+    if jobs <= 1:
+        return
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--shard", "--jobs", "--threads"))]
+    procs = []
+    for i in range(jobs):
+        cmd = [sys.executable, sys.argv[0], *argv, f"--shard={i}/{jobs}", "--jobs=1", "--threads=0"]
+        log = open(os.path.join(wd, f"jobs_{i}.log"), "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                       preexec_fn=lambda cpu=cpus[i]: os.sched_setaffinity(0, {cpu})), log))
+        print(f"cells {i}::{jobs}: child {i} on CPU {cpus[i]} (log {log.name})", flush=True)
+    failed = []
+    for proc, log in procs:
+        proc.wait()
+        log.close()
+        if proc.returncode:
+            failed.append(f"exit {proc.returncode}, log {log.name}")
+    if failed:
+        raise UserError("a parallel job failed: " + "; ".join(failed))
+
+
+def in_shard(index: int, shard: str) -> bool:
+    """Whether cell `index` of the grid (in the script's loop order) is this process's: shard "i/n" takes
+    i, i + n, ...; "" takes every cell."""
+    if not shard:
+        return True
+    i, n = (int(x) for x in shard.split("/"))
+    return index % n == i
+
+
+def _all_cpus() -> set:
+    """Every CPU this process may be moved to (its cgroup's, not only its current affinity, which --threads may
+    have narrowed)."""
+    try:
+        with open("/sys/fs/cgroup/cpuset.cpus.effective") as f:
+            text = f.read().strip()
+    except OSError:
+        text = ""
+    if not text:
+        return set(range(os.cpu_count() or 1))
+    cpus = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        cpus.update(range(int(a), int(b or a) + 1))
+    return cpus
 
 
 def command_line() -> str:

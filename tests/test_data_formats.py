@@ -308,3 +308,26 @@ def test_hh_rlhf_builder(tmp_path):
     ]  # fmt: skip
     assert all(r["conversational"] == 1 for r in rows)
     assert json.loads(rows[0]["rejected"]) == [{"role": "assistant", "content": "It is 5."}]
+
+
+def test_a_build_finished_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two processes building the same dataset at once (e.g. `--jobs=2` of an experiment): the second one's rename
+    finds the first one's finished directory (TFDS raises FileExistsError); it uses that build (same content
+    fingerprint) instead of failing."""
+    from align_jax.data import builders
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3)))
+    real = builders.AlignJaxData.download_and_prepare
+    calls = []
+
+    def racing(self, *a, **k):  # the other process wins: the dataset is complete when this one renames
+        calls.append(1)
+        real(self, *a, **k)
+        if len(calls) == 1:
+            raise FileExistsError(f"Cannot rename ... Destination {self.data_dir} already exists.")
+
+    monkeypatch.setattr(builders.AlignJaxData, "download_and_prepare", racing)
+    builder, stats = build_dataset(str(path), kind="pairwise", data_dir=str(tmp_path / "tfds"))
+    assert len(calls) == 2 and stats.num_examples["train"] == 3
+    assert len(builder.as_data_source("train")) == 3

@@ -36,11 +36,25 @@ def _run(wd, *extra):
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     wd = tmp_path_factory.mktemp("frontier")
-    p = _run(wd)
+    p = _run(wd, "--jobs=2")  # the seeds in two processes (ablation.parallel_seeds)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(wd / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return wd, rows, p.stdout + p.stderr
+
+
+def test_two_jobs_give_the_numbers_of_one(out, tmp_path):
+    """The seeds split over two processes (one CPU each) compute what one process computes: a cell rerun alone
+    in a fresh workdir gives the same numbers."""
+    wd, rows, log = out
+    assert "child 1 on CPU" in log and (wd / "jobs_1.log").exists()
+    p = _run(tmp_path, "--methods=DPO", "--values=DPO:0.3", "--seeds=1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(tmp_path / "runs.csv", newline="") as f:
+        (alone,) = list(csv.DictReader(f))
+    (par,) = [r for r in rows if r["run"] == alone["run"]]
+    for k in ("kl", "gold_sample", "gold_greedy", "mean_length"):
+        assert float(alone[k]) == float(par[k]), (k, alone[k], par[k])
 
 
 def test_outputs_exist_and_parse(out, fr):
@@ -94,6 +108,7 @@ def test_ppo_gold_rollouts_are_scored_by_the_gold_reward(out):
 
 def test_rerun_trains_nothing_and_refuses_other_settings(out):
     wd, rows, first_log = out
+    first_log += "".join(open(f).read() for f in sorted(wd.glob("jobs_*.log")))  # the --jobs children's cells
     assert "training dpo" in first_log and "training ppo" in first_log
     p = _run(wd)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -280,8 +280,18 @@ def build_dataset(
         split_files = {split: _expand(p) for split, p in path_or_paths.items()}
     else:
         split_files = {"train": _expand(path_or_paths)}
-    builder = AlignJaxData(kind=kind, split_files=split_files, data_dir=data_dir, on_bad_example=on_bad_example)
-    return build(builder, on_bad_example)
+    make = lambda: AlignJaxData(kind=kind, split_files=split_files, data_dir=data_dir,  # noqa: E731
+                                on_bad_example=on_bad_example)
+    builder = make()
+    try:
+        return build(builder, on_bad_example)
+    except FileExistsError:
+        # Another process built the same dataset at the same time (e.g. two runs of an experiment sharing its
+        # data_dir): the directory is named by the content fingerprint, so its finished build is this one.
+        if not os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json")):
+            raise
+        logger.info("%s was built by another process meanwhile: using it", builder.data_dir)
+        return build(make(), on_bad_example)
 
 
 def load_source(dataset_dir: str, split: str = "train"):

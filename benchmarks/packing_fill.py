@@ -1,5 +1,6 @@
-"""How much of a preference batch's forward is real tokens, padded to a length bucket vs packed into rows
-(align_jax.data.packing, the default for DPO / ORPO / reward models / offline GRPO). Counts token places only (no
+"""How much of a preference batch's forward is real tokens, padded to a length bucket vs packed into rows of
+max_length (align_jax.data.packing, the default for DPO / ORPO / reward models / offline GRPO) or of 2 x max_length
+(`data.packing_length`). Counts token places only (no
 model is run): the forward's matmul work is proportional to them; attention in a packed row spans the whole row
 (its cross-sequence scores are masked, not skipped).
 
@@ -43,16 +44,16 @@ def toy_lengths() -> np.ndarray:
     return np.asarray([[len(e["chosen_input_ids"]), len(e["rejected_input_ids"])] for e in out])
 
 
-def fill(lengths_Bx2_batches, max_length: int, bucket: int, row_multiple: int = 1) -> tuple[float, float]:
-    """(real / padded places, real / packed places) over the batches."""
+def fill(lengths_Bx2_batches, row_length: int, bucket: int, row_multiple: int = 1) -> tuple[float, float]:
+    """(real / padded places, real / packed places) over the batches, rows of `row_length` tokens."""
     real = padded = packed = 0
     for lens in lengths_Bx2_batches:
         seqs = lens.T.reshape(-1)  # chosen then rejected
         real += int(seqs.sum())
         padded += seqs.size * int(-(-seqs.max() // bucket) * bucket)
-        _, _, rows = first_fit_decreasing(seqs, max_length)
+        _, _, rows = first_fit_decreasing(seqs, row_length)
         g = row_granularity(seqs.size, row_multiple)
-        packed += int(-(-rows // g) * g) * max_length
+        packed += int(-(-rows // g) * g) * row_length
     return real / padded, real / packed
 
 
@@ -68,14 +69,17 @@ def main():
         return list(p + rng.integers(*resp, size=(args.batches, b, 2)))
 
     toy = toy_lengths()
-    print(f"{'data':>8} {'pairs/batch':>11} {'padded fill':>12} {'packed fill':>12} {'places padded/packed':>21}")
+    print(f"{'data':>8} {'pairs/batch':>11} {'padded fill':>12} {'packed fill':>12} {'places padded/packed':>21}"
+          f" {'packed fill, rows 2x':>21} {'padded/packed 2x':>17}")
     for name, max_length, batches in (
             [("bench-80", 80, lambda b: synthetic(b, (16, 49), (8, 33)))]
             + [("hh-512", 512, lambda b: synthetic(b, (20, 301), (10, 201)))]
             + [("toy-64", 64, lambda b: [toy[rng.integers(0, len(toy), b)] for _ in range(args.batches)])]):
         for b in (4, 8, 16):
-            pad, pk = fill(batches(b), max_length, args.bucket)
-            print(f"{name:>8} {b:>11} {pad:>12.3f} {pk:>12.3f} {pk / pad:>20.2f}x")
+            data = batches(b)
+            pad, pk = fill(data, max_length, args.bucket)
+            _, pk2 = fill(data, 2 * max_length, args.bucket)  # data.packing_length = 2 x max_length
+            print(f"{name:>8} {b:>11} {pad:>12.3f} {pk:>12.3f} {pk / pad:>20.2f}x {pk2:>21.3f} {pk2 / pad:>16.2f}x")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def _losses(wd):
 # name -> (config file, arg, overrides): every packing algorithm and the batch paths they take
 CASES = {
     "dpo_sigmoid": ("dpo", "tiny", {}),
+    "dpo_sigmoid_rows_of_128": ("dpo", "tiny", {"data.packing_length": 128}),
     "dpo_ipo_reference_free": ("dpo", "tiny", {"loss.name": "dpo:ipo", "loss.reference_free": True}),
     "orpo": ("orpo", "tiny", {}),
     "reward_pairwise_soft": ("reward_model", "tiny", {}),

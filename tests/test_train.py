@@ -55,6 +55,7 @@ def test_resume_after_kill9_is_bit_identical(tmp_path):
     ({"algorithm": "ppo2"}, "algorithm"),
     ({"data.train": "/nonexistent/*.jsonl"}, "data.train"),
     ({"data.max_length": 4096}, "data.length_buckets"),
+    ({"data.packing_length": 32}, "data.packing_length"),
     ({"eval_suites": "ifevl"}, "eval_suites"),
     ({"eval_suites": "ifeval", "eval_suites_max_new_tokens": 0}, "eval_suites_max_new_tokens"),
 ])

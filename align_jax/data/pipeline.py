@@ -524,6 +524,7 @@ def make_loader(
     packing: bool = False,
     micro_batches: int = 1,
     row_multiple: int = 1,
+    packing_length: int | None = None,
     drop_remainder: bool = True,
     shard_by_process: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
@@ -545,8 +546,9 @@ def make_loader(
     ``read_options``: threads / buffer reading records ahead (default 4 threads, ``max(64, 4 * batch_size)``
     records); ``prefetch``: batches made ahead in a background thread (0 = none).
     ``packing``: sft: several examples per row (``FirstFitPackIterDataset``); pairwise / groupwise: each batch's
-    sequences packed into ``max_length`` rows (``align_jax.data.packing``), packed separately for each of
-    ``micro_batches`` (gradient accumulation), rows rounded up to a multiple of ``row_multiple``.
+    sequences packed into rows of ``packing_length`` tokens (default ``max_length``; longer rows let long
+    sequences share a row) (``align_jax.data.packing``), packed separately for each of ``micro_batches``
+    (gradient accumulation), rows rounded up to a multiple of ``row_multiple``.
     """
     if kind not in formats.KINDS:
         raise ValueError(f"kind must be one of {formats.KINDS}, got {kind!r}")
@@ -600,7 +602,10 @@ def make_loader(
     if kind == "groupwise":
         collate = functools.partial(collate, group_size=group_size)
     if packing and kind in ("pairwise", "groupwise"):
-        collate = functools.partial(collate, packed={"length": max_length, "micro_batches": micro_batches,
+        if (packing_length or max_length) < max_length:
+            raise ValueError(f"packing_length {packing_length} is < max_length {max_length}")
+        collate = functools.partial(collate, packed={"length": packing_length or max_length,
+                                                     "micro_batches": micro_batches,
                                                      "row_multiple": row_multiple})
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
     if prefetch:

@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Several sequences per row (segment ids keep them apart). None: on for preference data (DPO, ORPO, reward
     # models, offline GRPO: each batch's sequences packed, the same batches and losses as padded), off for SFT.
     c.data.packing = None
+    # Packed preference rows' length (0 = data.max_length); e.g. 2 x max_length lets two long sequences share a row
+    # (attention runs over the whole row, so its cost grows with the square of this length)
+    c.data.packing_length = 0
     c.data.group_size = 0  # groupwise: responses per prompt K (0 = largest in the data)
     c.data.on_bad_example = "raise"  # raise | skip (skipped examples are counted and logged)
     c.data.shuffle = True

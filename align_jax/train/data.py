@@ -124,8 +124,9 @@ def make_data(config, workdir: str, tokenizer, algorithm) -> Data:
     train, skips = make_loader(train_source, tokenizer, batch_size=config.batch_size // jax.process_count(),
                                seed=config.seed, shuffle=config.data.shuffle, num_epochs=None,
                                packing=packing_enabled(config, algorithm, kind), micro_batches=accum,
-                               row_multiple=accum * jax.local_device_count(), drop_remainder=True, prefetch=2,
-                               **kw)
+                               row_multiple=accum * jax.local_device_count(),
+                               packing_length=config.data.get("packing_length", 0) or None, drop_remainder=True,
+                               prefetch=2, **kw)
     eval_fn = None
     if config.data.eval:
         eval_source, _, _ = _build(config.data.eval, kind, workdir, config, "eval", "test")

@@ -49,6 +49,10 @@ def validate_config(config) -> None:
     buckets = tuple(config.data.length_buckets)
     if not buckets or max(buckets) < config.data.max_length:
         bad("data.length_buckets", f"the largest bucket must be >= data.max_length={config.data.max_length}")
+    plen = config.data.get("packing_length", 0)
+    if not isinstance(plen, int) or (plen and plen < config.data.max_length):
+        bad("data.packing_length", f"must be 0 (= data.max_length) or an integer >= data.max_length="
+                                   f"{config.data.max_length}, got {plen!r}")
     if config.data.packing and not algo.supports_packing:
         supported = sorted(a.name for a in ALGORITHMS.values() if a.supports_packing)
         bad("data.packing", f"algorithm {config.algorithm!r} does not pack rows (packing is for {', '.join(supported)} "

@@ -197,3 +197,19 @@ def test_packing_is_the_default_for_preference_data_and_saves_rows(file, arg, tm
     assert int((batch["packed_segment_ids"] > 0).sum()) == real
     assert rows * 2 <= sequences, (rows, sequences)  # toy sequences are <= half of max_length: 2+ per row
     assert real / (rows * L) > 0.6
+
+
+def test_packing_is_set_from_the_command_line(tmp_path):
+    """`data.packing` defaults to None (= on for preference data) and `--config.data.packing=False` / `True` set it
+    (a None-valued ml_collections field would refuse the override)."""
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    for value in ("False", "True"):
+        p = subprocess.run([sys.executable, "-m", "align_jax.main", "--config=configs/dpo.py:tiny",
+                            f"--workdir={tmp_path / value}", f"--config.data.packing={value}", "--print_config"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert f"data.packing: {value} " in p.stdout, p.stdout[-2000:]

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.length_buckets = (64, 128)  # batches are padded to the smallest bucket that fits: no recompiles
     # Several sequences per row (segment ids keep them apart). None: on for preference data (DPO, ORPO, reward
     # models, offline GRPO: each batch's sequences packed, the same batches and losses as padded), off for SFT.
-    c.data.packing = None
+    c.data.packing = ml_collections.FieldReference(None, field_type=bool)
     # Packed preference rows' length (0 = data.max_length); e.g. 2 x max_length lets two long sequences share a row
     # (attention runs over the whole row, so its cost grows with the square of this length)
     c.data.packing_length = 0

@@ -407,6 +407,7 @@ def ranked_config(method: str, seed: int, wd: str, sft_path: str, train_file: st
         if groupwise:
             register_listwise_dpo()
             cfg.algorithm = cfg.loss.name = "listwise_dpo"
+            cfg.reference.precompute = False  # a live reference: listwise DPO has no precomputed path
     cfg.data.train = train_file
     if groupwise:
         cfg.data.kind, cfg.data.group_size, cfg.batch_size = "groupwise", 4, gps

@@ -64,7 +64,7 @@ from align_jax import losses
 from align_jax.algorithms.base import Algorithm, register
 from align_jax.errors import refuse
 from align_jax.losses.common import masked_count, masked_sum, safe_div
-from align_jax.models.logps import completion_logps, is_packed, packed_token_logps, unpack
+from align_jax.models.logps import completion_logps, is_packed, next_token_mask, packed_token_logps, unpack
 from align_jax.ops import token_logps
 from align_jax.rl.rollout import GroupRollout, validate_online, validate_sampling
 
@@ -195,7 +195,7 @@ def _flat_logps(model, batch, chunk_size: int, return_entropy: bool):
         h = model(ids, attn, None, None, return_hidden=True)
         out = token_logps(h[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
                           return_entropy=return_entropy)
-    mask = comp[:, 1:].astype(jnp.float32) * attn[:, 1:].astype(jnp.float32)
+    mask = next_token_mask(attn, comp)
     valid = (batch["group_mask"] * batch["example_weight"][:, None]).reshape(B * K).astype(jnp.float32)
     return out, mask * valid[:, None]
 

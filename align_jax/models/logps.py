@@ -18,6 +18,11 @@ from flax import nnx
 from align_jax.ops import token_logps
 
 
+def next_token_mask(attention_mask_BxT, completion_mask_BxT):
+    """[B, T-1] float mask of the predicted tokens 1..T-1 that count: real completion tokens."""
+    return completion_mask_BxT[:, 1:].astype(jnp.float32) * attention_mask_BxT[:, 1:].astype(jnp.float32)
+
+
 def completion_token_logps(model, input_ids_BxT, attention_mask_BxT, completion_mask_BxT, *, chunk_size: int,
                            positions_BxT=None, segment_ids_BxT=None):
     """Per-token log-probs log π(y_t | y_<t, x) of tokens 1..T-1 and their loss mask, both [B, T-1].
@@ -26,7 +31,7 @@ def completion_token_logps(model, input_ids_BxT, attention_mask_BxT, completion_
     0 where token t+1 starts a new segment (it is not predicted from its own example)."""
     h_BxTxD = model(input_ids_BxT, attention_mask_BxT, positions_BxT, segment_ids_BxT, return_hidden=True)
     logps = token_logps(h_BxTxD[:, :-1], model.lm_head_DxV(), input_ids_BxT[:, 1:], chunk_size=chunk_size)
-    mask = completion_mask_BxT[:, 1:].astype(jnp.float32) * attention_mask_BxT[:, 1:].astype(jnp.float32)
+    mask = next_token_mask(attention_mask_BxT, completion_mask_BxT)
     if segment_ids_BxT is not None:
         mask = mask * (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1])
     return logps, mask
@@ -63,9 +68,7 @@ def packed_token_logps(model, batch, chunk_size: int, return_entropy: bool = Fal
 def unpacked_token_logps(logps_RxL, token_index_NxL, attention_mask_NxL, completion_mask_NxL):
     """The padded layout of packed log-probs: (logps, mask) [N, L-1] as `completion_token_logps` gives them for
     right-padded rows of length L (token t+1 of a sequence is predicted at its token t's place)."""
-    logps = unpack(logps_RxL, token_index_NxL)[:, :-1]
-    mask = completion_mask_NxL[:, 1:].astype(jnp.float32) * attention_mask_NxL[:, 1:].astype(jnp.float32)
-    return logps, mask
+    return unpack(logps_RxL, token_index_NxL)[:, :-1], next_token_mask(attention_mask_NxL, completion_mask_NxL)
 
 
 def last_token_places(token_index_NxL, attention_mask_NxL):

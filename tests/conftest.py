@@ -5,19 +5,18 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The compilation cache below, also for the subprocesses the tests start (they inherit the environment).
+# Compiled programs are cached on disk (also for the subprocesses the tests start: they inherit the environment), so
+# that the suite's many small train() runs, in this process, the other xdist worker and the subprocesses, compile
+# each identical step once. Every compile is cached (most of the suite's are well under a second, but there are
+# thousands): about 60 % of the suite's time is compilation.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_jit_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# Compiled programs are cached on disk so that the many small train() runs of the suite (and the subprocesses
-# of the resume test) do not recompile identical steps.
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_jit_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # The paper ablations' end-to-end `--size=tiny` runs (the `out` fixture of tests/test_<experiment>.py) take 1-2
 # minutes each: together they would double the suite's 10-minute budget. They run with `--ablations`

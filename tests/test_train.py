@@ -185,8 +185,10 @@ def test_step_time_and_throughput_measure_one_step(tmp_path, monkeypatch):
     rows = [r for r in rows if r["step"] >= 2]  # step 1 includes the compile
     assert [r["step"] for r in rows] == list(range(2, 9))  # 4: an eval step; 5: the step after it; 8: the last
     # one step: the 0.25 s sleep + the step's own compute (not ~0: the host's dispatch time; not two steps, which the
-    # sum above rules out). The upper bound leaves room for a loaded machine (a tiny SFT step is ~0.01 s quiet).
+    # sum above rules out). The device starts a step as soon as the one before finished, while the host sees that
+    # finish a few ms later (it was dispatching): the measured time can be a few ms under 0.25 s (CI: 0.249 s).
+    # The upper bound leaves room for a loaded machine (a tiny SFT step is ~0.01 s quiet).
     for r in rows:
-        assert 0.25 <= r["step_seconds"] < 2.0, r
+        assert 0.2 <= r["step_seconds"] < 2.0, r
         tokens = r["tokens_per_second"] * r["step_seconds"]
         assert abs(tokens - round(tokens)) < 1e-3 and tokens > 0  # a whole number of real tokens per step

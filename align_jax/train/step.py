@@ -95,9 +95,12 @@ def _train_step(state, batch, ref_params, frozen, *, graphdef, rest, ref_graphde
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": keep(new_params, params),
-                 "opt_state": keep(new_opt, state["opt_state"]), "rng": state["rng"]}
+    # The update is kept only if everything is finite. A conditional, not a select per leaf: XLA would fuse the
+    # whole `ok` reduction (one term per leaf) into every leaf's select, an HLO quadratic in the number of leaves
+    # (14k of a 2-layer model's 45k ops; the step compiled in 4.6 s instead of 3.2 s).
+    new_state = {"step": state["step"] + ok.astype(jnp.int32), "rng": state["rng"],
+                 **jax.lax.cond(ok, lambda: {"params": new_params, "opt_state": new_opt},
+                                lambda: {"params": params, "opt_state": state["opt_state"]})}
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                    nonfinite=1.0 - ok.astype(jnp.float32))

@@ -1,5 +1,5 @@
 """Two processes x 2 CPU devices train exactly what one process x 4 devices trains: the same per-step losses for
-SFT, DPO and offline GRPO (the data pipeline gives every process its block of each global batch, so the global
+SFT, DPO (with its reference log-probs precomputed on the processes) and offline GRPO (the data pipeline gives every process its block of each global batch, so the global
 batches do not depend on the number of hosts; DPO's pairs and offline GRPO's groups are packed into rows per
 process, which the step reads back across processes), on one 4-device FSDP mesh. (ORPO and the reward model read
 the same pairwise batches as DPO: tests/test_parallelism.py runs them on a split mesh.)"""
@@ -33,6 +33,8 @@ from align_jax.train import train
 out = {}
 for name in sys.argv[6].split(","):
     file, arg, ov = test_parallelism.RUNS[name]
+    if name == "dpo":  # the precomputed reference on several processes (each reads the whole table), 160 pairs
+        ov = {**ov, "reference.precompute": True, "data.train": os.path.join(sys.argv[7], "..", "pairs.jsonl")}
     c = load_config(file, arg, **{"total_steps": 2, "checkpoint.every_steps": 2, "export": False, "eval_generation": 0,
                                   "data.eval": "", "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1,
                                   "checkpoint.async_save": False, "data.data_dir": os.path.join(sys.argv[7], "tfds"),
@@ -68,7 +70,8 @@ def _result(proc):
 def test_two_processes_train_what_one_process_trains(tmp_path):
     from align_jax.data.toy import generate
 
-    generate(os.path.join(SHARED, "toy"), seed=0)  # the shared toy files exist before the processes start
+    files = generate(os.path.join(SHARED, "toy"), seed=0)  # the shared toy files exist before the processes start
+    (tmp_path / "pairs.jsonl").write_text("".join(open(files["pairs"]).readlines()[:160]))
     addr = f"127.0.0.1:{_free_port()}"
     procs = [_start(2, i, 2, addr, str(tmp_path / "two")) for i in range(2)]
     one = _start(1, 0, 4, "", str(tmp_path / "one"))

@@ -24,6 +24,10 @@ model and a busy machine, pool hand-offs cost more than they save).
 
     python benchmarks/sampler_speed.py                 # the default moderate config
     python benchmarks/sampler_speed.py --new 128 --batch 16
+    python benchmarks/sampler_speed.py --new 128 --batches 8,16,32,64   # one table over batch sizes (issue 16)
+
+`--batches` prints one row per batch size: align-jax greedy and sampled vs transformers `generate` greedy and
+sampled (torch at its default thread count), best of `--repeats` interleaved rounds each, with both ratios.
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ def main():
     p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", default="", help="comma-separated batch sizes: one table row per size")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -146,6 +151,8 @@ def main():
     p.add_argument("--xla_single_thread", action="store_true",
                    help="XLA CPU without its intra-op thread pool (--xla_cpu_multi_thread_eigen=false)")
     a = p.parse_args()
+    if a.batches:
+        return batch_table(a)
     never = a.vocab + 1  # a stop id that is never sampled: every row runs all steps
     ids, mask = prompts(a)
     new_tokens = a.batch * a.new
@@ -224,6 +231,75 @@ def main():
              | ({"transformers": res[hf_names[0]][0]} if hf_names else {}))
     print("greedy token agreement with kv-cache: "
           + ", ".join(f"{k} {float((v == kv_ids).mean()):.4f}" for k, v in agree.items()))
+
+
+def batch_table(a):
+    """One row per batch size: align-jax vs transformers, greedy and sampled (T=1, top-k 50, top-p 0.95)."""
+    import torch
+
+    never = a.vocab + 1
+    print(f"device: {jax.devices()[0].device_kind}; model: {json.dumps(hf_config(a))}")
+    print(f"prompt {a.prompt} (left-padded), {a.new} new tokens, fp32, torch {torch.__version__} at "
+          f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as d:
+        hf_model = build_checkpoint(a, d)
+        model = load_pretrained(d)
+    sampling = dict(temperature=1.0, top_k=50, top_p=0.95)
+    rows = []
+    for batch in [int(b) for b in a.batches.split(",")]:
+        a.batch = batch
+        ids, mask = prompts(a)
+
+        def ours(greedy, ids=ids, mask=mask):
+            kw = dict(greedy=True) if greedy else dict(rng=a.seed, **sampling)
+            return lambda: np.asarray(generate(model, ids, mask, max_new_tokens=a.new, eos_ids=(never,),
+                                               **kw).completion_ids)
+
+        def hf(greedy, ids=ids, mask=mask):
+            def run():
+                torch.manual_seed(a.seed)
+                with torch.no_grad():
+                    out = hf_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                                            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                                            do_sample=not greedy,
+                                            **(dict(top_k=None, top_p=None) if greedy else sampling),
+                                            max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=never,
+                                            pad_token_id=0)
+                return out[:, a.prompt:].numpy()
+            return run
+
+        res = run_interleaved({"jax greedy": ours(True), "hf greedy": hf(True), "jax sampled": ours(False),
+                               "hf sampled": hf(False)}, a.repeats)
+        best = {n: min(r[2]) for n, r in res.items()}
+        agree = float((res["jax greedy"][0] == res["hf greedy"][0]).mean())
+        rows.append((batch, {n: batch * a.new / t for n, t in best.items()}, agree))
+        print(f"batch {batch}: done (greedy agreement with transformers {agree:.4f})", flush=True)
+    # The roofline: a new token costs at least the products with every weight matrix (2 FLOPs per weight, the
+    # embedding lookup aside; attention over the cache adds to it), so tokens/s x that is a FLOP rate that cannot
+    # pass this machine's matmul rate.
+    flops = 2 * (sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) - a.vocab * a.hidden)
+    peak = matmul_peak()
+    print(f"\nmatmul peak (XLA, fp32 1024^3, best of 8): {peak / 1e9:.0f} GFLOP/s; a new token >= {flops / 1e6:.1f} MFLOP")
+    print("\n| batch | align-jax greedy tok/s | transformers greedy tok/s | ratio | align-jax sampled tok/s | "
+          "transformers sampled tok/s | ratio | align-jax greedy % of matmul peak | 3x transformers needs |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for batch, r, _ in rows:
+        print(f"| {batch} | {r['jax greedy']:.0f} | {r['hf greedy']:.0f} | {r['jax greedy'] / r['hf greedy']:.2f}x | "
+              f"{r['jax sampled']:.0f} | {r['hf sampled']:.0f} | {r['jax sampled'] / r['hf sampled']:.2f}x | "
+              f"{r['jax greedy'] * flops / peak:.0%} | {3 * r['hf greedy'] * flops / peak:.0%} |")
+
+
+def matmul_peak(n: int = 1024, reps: int = 8) -> float:
+    """This machine's fp32 matmul rate in FLOP/s under XLA (best of `reps` [n, n] x [n, n] products)."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
 
 
 if __name__ == "__main__":

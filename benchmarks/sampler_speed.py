@@ -235,7 +235,11 @@ def main():
 
 def batch_table(a):
     """One row per batch size: align-jax vs transformers, greedy and sampled (T=1, top-k 50, top-p 0.95)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("--batches compares with transformers generate: it needs torch (pip install torch); without it, "
+                 "run the default mode (--batch N), which skips the transformers rows")
 
     never = a.vocab + 1
     print(f"device: {jax.devices()[0].device_kind}; model: {json.dumps(hf_config(a))}")

@@ -42,6 +42,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from roofline import matmul_peak  # noqa: E402  (benchmarks/roofline.py)
+
 SIZES = {
     "toy": None,  # align_jax/data/toy/model_config.json
     "100m": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=768,
@@ -258,23 +260,6 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
             "warmup_seconds": ends[0] - t0, "warmup_steps": len(warm),
             "padded_lengths": timed_shapes, "loss_last": float(metrics["loss"]),
             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}", "jax": jax.__version__}
-
-
-def matmul_peak(n: int = 1024, reps: int = 8) -> float:
-    """This machine's fp32 matmul rate in FLOP/s under XLA (best of `reps` [n, n] x [n, n] products): the ceiling
-    of any implementation of the same training step on it."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 # ------------------------------------------------------------------------------------------------ TRL

@@ -209,28 +209,13 @@ def run_trl(workdir: str, a) -> dict:
             "transformers": transformers.__version__, "torch": torch.__version__}
 
 
-def matmul_peaks(n: int = 1024, reps: int = 8) -> dict:
-    """fp32 [n, n] x [n, n] products per second, best of `reps`, under XLA and (if installed) torch."""
-    import jax
-    import jax.numpy as jnp
+def matmul_peaks() -> dict:
+    """fp32 matmul peaks under XLA and, if installed, torch (benchmarks/roofline.py)."""
+    from roofline import matmul_peak
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 2 * n ** 3 / min(times)
-
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    out = {"XLA": best(lambda: f(x).block_until_ready())}
+    out = {"XLA": matmul_peak("xla")}
     try:
-        import torch
-
-        y = torch.randn(n, n)
-        out["torch"] = best(lambda: y @ y)
+        out["torch"] = matmul_peak("torch")
     except ImportError:
         pass
     return out

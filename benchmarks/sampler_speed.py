@@ -54,6 +54,7 @@ from flax import nnx  # noqa: E402
 
 from align_jax.models import from_hf_config, init_model, load_pretrained, save_pretrained  # noqa: E402
 from align_jax.sampling import generate  # noqa: E402
+from roofline import matmul_peak  # noqa: E402  (benchmarks/roofline.py)
 
 SAMPLING_ROW = "kv-cache, sampling (T=1, top-k 50, top-p 0.95)"
 generate_module = importlib.import_module("align_jax.sampling.generate")  # (the package exports the function)
@@ -291,19 +292,6 @@ def batch_table(a):
         print(f"| {batch} | {r['jax greedy']:.0f} | {r['hf greedy']:.0f} | {r['jax greedy'] / r['hf greedy']:.2f}x | "
               f"{r['jax sampled']:.0f} | {r['hf sampled']:.0f} | {r['jax sampled'] / r['hf sampled']:.2f}x | "
               f"{r['jax greedy'] * flops / peak:.0%} | {3 * r['hf greedy'] * flops / peak:.0%} |")
-
-
-def matmul_peak(n: int = 1024, reps: int = 8) -> float:
-    """This machine's fp32 matmul rate in FLOP/s under XLA (best of `reps` [n, n] x [n, n] products)."""
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from roofline import matmul_peak  # noqa: E402  (benchmarks/roofline.py)
+from bench_util import matmul_peak, run_child  # noqa: E402  (benchmarks/bench_util.py)
 
 SIZES = {
     "toy": None,  # align_jax/data/toy/model_config.json
@@ -327,17 +326,9 @@ def _child(args):
 
 
 def _spawn(side, workdir, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", workdir, "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket", str(args.bucket)]
-    load_before = os.getloadavg()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise RuntimeError(f"the {side} run failed (exit {proc.returncode})")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["loadavg_before"] = load_before
-    return res
+    return run_child([sys.executable, __file__, "--child", side, "--workdir", workdir, "--batch-size",
+                      str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket",
+                      str(args.bucket)], side)
 
 
 def main():

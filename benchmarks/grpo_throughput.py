@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -210,8 +209,8 @@ def run_trl(workdir: str, a) -> dict:
 
 
 def matmul_peaks() -> dict:
-    """fp32 matmul peaks under XLA and, if installed, torch (benchmarks/roofline.py)."""
-    from roofline import matmul_peak
+    """fp32 matmul peaks under XLA and, if installed, torch (benchmarks/bench_util.py)."""
+    from bench_util import matmul_peak
 
     out = {"XLA": matmul_peak("xla")}
     try:
@@ -228,23 +227,35 @@ def _child(a):
 
 
 def _spawn(side, beta, a) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", a.workdir, "--beta", str(beta)] + [
-        f"--{k}={getattr(a, k)}" for k in ("prompts", "generations", "new", "steps", "warmup")]
-    load = os.getloadavg()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise RuntimeError(f"the {side} run failed (exit {proc.returncode})")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["loadavg_before"] = load
-    return res
+    from bench_util import run_child
+
+    return run_child([sys.executable, __file__, "--child", side, "--workdir", a.workdir, "--beta", str(beta)] + [
+        f"--{k}={getattr(a, k)}" for k in ("prompts", "generations", "new", "steps", "warmup")], side)
+
+
+def _choices(*allowed):
+    def parse(text):
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated, each one of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def _floats(text):
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers >= 0, e.g. 0,0.04")
+    return values
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sides", default="jax,trl")
-    ap.add_argument("--betas", default="0,0.04")
+    ap.add_argument("--sides", default="jax,trl", type=_choices("jax", "trl"), help="comma-separated: jax, trl")
+    ap.add_argument("--betas", default="0,0.04", type=_floats, help="comma-separated KL coefficients, each >= 0")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--new", type=int, default=32, help="max new tokens per completion")
@@ -265,9 +276,9 @@ def main():
         a.workdir = wd
         n_params = build(wd)
         print(f"model: {n_params / 1e6:.2f}M params")
-        for beta in [float(b) for b in a.betas.split(",")]:
+        for beta in a.betas:
             res = {}
-            for side in a.sides.split(","):
+            for side in a.sides:
                 r = res[side] = _spawn(side, beta, a)
                 med = {p: statistics.median(s[p] for s in r["steps"]) for p in ("seconds",) + PARTS}
                 r["median"] = med

@@ -54,7 +54,7 @@ from flax import nnx  # noqa: E402
 
 from align_jax.models import from_hf_config, init_model, load_pretrained, save_pretrained  # noqa: E402
 from align_jax.sampling import generate  # noqa: E402
-from roofline import matmul_peak  # noqa: E402  (benchmarks/roofline.py)
+from bench_util import matmul_peak  # noqa: E402  (benchmarks/bench_util.py)
 
 SAMPLING_ROW = "kv-cache, sampling (T=1, top-k 50, top-p 0.95)"
 generate_module = importlib.import_module("align_jax.sampling.generate")  # (the package exports the function)

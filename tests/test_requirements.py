@@ -12,7 +12,7 @@ from util import ROOT
 
 OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu"}  # reference implementations, never needed to run
 LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation",
-         "aot_topology", "roofline"}
+         "aot_topology", "bench_util"}
 
 
 def _imports(path):

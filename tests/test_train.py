@@ -66,6 +66,42 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, override, key):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # refused before anything ran
 
 
+def test_online_step_time_is_its_own_rollout_and_update(tmp_path, monkeypatch):
+    """Online GRPO with each rollout made to last >= 0.3 s longer (a sleep counted in its rollout_seconds): every
+    logged step, the last included, spans its own rollout and its update (step_seconds >= rollout_seconds, and the
+    update share is the step's rest), and the steps' intervals fit in the run. Logged one step late, the last step
+    spanned only its update (an interval shorter than its own rollout) and the others held the next step's
+    sampling."""
+    import dataclasses
+    import time
+
+    from align_jax import algorithms
+
+    orig = algorithms.ALGORITHMS["grpo"]
+
+    def make_rollout(**kw):
+        rollout = orig.make_rollout(**kw)
+
+        def call(params, next_batch, step):
+            t0 = time.perf_counter()
+            batch, m = rollout(params, next_batch, step)
+            time.sleep(0.3)
+            return batch, {**m, "rollout_seconds": time.perf_counter() - t0}
+        return call
+
+    monkeypatch.setitem(algorithms.ALGORITHMS, "grpo", dataclasses.replace(orig, make_rollout=make_rollout))
+    t0 = time.perf_counter()
+    train(load_config("grpo", "tiny", **{"total_steps": 4, "checkpoint.every_steps": 4, "export": False,
+                                         "eval_generation": 0}), str(tmp_path))
+    wall = time.perf_counter() - t0
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "step_seconds" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum(r["step_seconds"] for r in rows) <= wall
+    for r in rows:
+        assert r["rollout_seconds"] >= 0.3 and r["step_seconds"] >= r["rollout_seconds"], r
+        assert abs(r["timing/update_seconds"] - (r["step_seconds"] - r["rollout_seconds"])) < 1e-6, r
+
+
 def test_precomputed_reference_equals_live_reference(tmp_path):
     from align_jax.data.toy import generate
     rows = open(generate(tmp_path / "toy")["pairs"]).readlines()[:40]  # a small file: the precompute pass is short

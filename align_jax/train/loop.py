@@ -312,6 +312,12 @@ def train(config, workdir: str) -> dict:
             t_begin = time.perf_counter()
             rollout_metrics = {}
             if rollout is not None:
+                # Sampling needs the previous update's weights, so the host waits for that step here anyway: log it
+                # now, so that each step's time is its own rollout + update (read one step late, the interval of
+                # every step but the last also held the next step's sampling, and the last none)
+                if pending is not None:
+                    flush(pending)
+                    pending = None
                 batch, rollout_metrics = rollout(state["params"], lambda: next(train_iter), step)
             else:
                 batch = same_shapes_across_processes(host_batch(next(train_iter)))

@@ -2,6 +2,7 @@
 
     python -m align_jax.main --config=configs/dpo.py --workdir=/tmp/dpo
     python -m align_jax.main --config=configs/dpo.py:tiny --workdir=/tmp/dpo_tiny   # seconds, for tests
+    python -m align_jax.main --config=configs/dpo.py:listwise --workdir=/tmp/ldpo  # ranked groups (Plackett–Luce)
     --config.loss.name=dpo:ipo  --config.loss.kwargs.beta=0.5  --config.model.init_from=/path/to/hf_dir
 
 Default: the embedded toy task (policy and reference start from `model.init_from`, e.g. the SFT export).
@@ -30,7 +31,18 @@ def get_config(arg: str = ""):
     c.total_steps = 120
     c.eval_every = 0  # evaluate at the end only
     c.eval_generation = 100  # toy task: also answer 100 held-out prompts and score them per axis
-    if arg == "tiny":
+    args = arg.split(",") if arg else []
+    if "listwise" in args:  # listwise DPO (algorithms/listwise_dpo.py) on the toy task's ranked groups of 4
+        c.algorithm = c.loss.name = "listwise_dpo"
+        c.loss.kwargs = {"beta": 0.1}
+        c.reference.precompute = False  # a live reference (no precomputed path for groups)
+        c.data.train = "toy:groups_ranked"
+        c.data.eval = ""
+        c.data.kind = "groupwise"
+        c.data.group_size = 4
+        c.data.max_prompt_length = 0
+        c.batch_size = 8  # groups (32 responses: the sequences of 16 pairs)
+    if "tiny" in args:
         tiny(c, steps=6, checkpoint_every=3)
         # A live reference: a run of 6 steps reads 96 pairs, while precomputing reads all 2000 toy pairs (10 s on 2
         # cores, 45 s on 2 processes); the precomputed path is tested with small data files

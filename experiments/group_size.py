@@ -42,10 +42,9 @@ backbone), with the library's `train(config, workdir)` on a configs/ file with o
       40 steps: 1280 sampled completions for every G, the same number of optimizer steps.
   (b) reward models: configs/reward_model.py (PL: its :groupwise, `ranking` loss; BT: `reward` loss), lr 1e-4;
       policies: configs/dpo.py (DPO_all, DPO_half: dpo:sigmoid, β = 0.1, lr 1e-4 linear decay), the same config
-      turned listwise (listwise_DPO: `losses.listwise_dpo_loss`, β = 0.1, lr 1e-4 linear; the library has the loss
-      but no algorithm that feeds it ranked groups, so this script registers a small adapter, `listwise_dpo_loss`
-      below, on the shared training loop) and configs/grpo.py:offline (GRPO_offline: `rank_advantages`, β = 0, lr
-      3e-4 constant); 60 steps each.
+      turned listwise (listwise_DPO: algorithm `listwise_dpo`, as configs/dpo.py:listwise, β = 0.1, lr 1e-4
+      linear, padded batches) and configs/grpo.py:offline (GRPO_offline: `rank_advantages`, β = 0, lr 3e-4
+      constant); 60 steps each.
 The seed sets the run's data order, sampling and head initialisation, and the `*_half` matching; the SFT model and
 the toy task are the same for every run, so the ± std is the spread of the second stage only.
 
@@ -303,59 +302,6 @@ def heldout_group_pairs(wd: str, n: int) -> tuple[str, dict]:
         return path, json.load(f)
 
 
-# ----------------------------------------------------------------------- listwise DPO on the shared train loop
-
-
-def _listwise_inputs(model, batch, ref_model, cfg):
-    """Sequence log-probs [B, K] of a groupwise batch [B, K, L] under the policy and the frozen reference (0 when
-    reference-free), and the mask of valid responses."""
-    import jax
-    import jax.numpy as jnp
-
-    from align_jax.models.logps import completion_token_logps, seq_logps
-
-    B, K, L = batch["input_ids"].shape
-    ids, attn, comp = (batch[k].reshape(B * K, L) for k in ("input_ids", "attention_mask", "completion_mask"))
-    lp, m = completion_token_logps(model, ids, attn, comp, chunk_size=cfg.chunk_size)
-    logps = seq_logps(lp, m).reshape(B, K)
-    if ref_model is None:
-        ref = jnp.zeros_like(logps)
-    else:
-        rlp, _ = completion_token_logps(ref_model, ids, attn, comp, chunk_size=cfg.chunk_size)
-        ref = jax.lax.stop_gradient(seq_logps(rlp, m).reshape(B, K))
-        if "policy_is_reference" in batch:  # before the first update π = π_ref exactly (as the library's DPO)
-            ref = jnp.where(batch["policy_is_reference"], jax.lax.stop_gradient(logps), ref)
-    return logps, ref, batch["group_mask"] * batch["example_weight"][:, None]
-
-
-def listwise_dpo_loss(model, batch, ref_model, cfg):
-    """`losses.listwise_dpo_loss` (DPO under Plackett–Luce, Rafailov et al. 2023 App. A.3) on a groupwise batch:
-    the adapter the library has for offline GRPO (`algorithms.grpo.grpo_offline_loss`) and the ranking reward
-    model, not yet for listwise DPO (it belongs in align_jax/algorithms/dpo.py)."""
-    from align_jax import losses
-
-    logps, ref, mask = _listwise_inputs(model, batch, ref_model, cfg)
-    return losses.get_loss(cfg.loss.name)(logps, ref, batch["ranks"], mask, **dict(cfg.loss.kwargs))
-
-
-def listwise_dpo_eval(model, batch, ref_model, cfg):
-    """Per group: the Plackett–Luce NLL of the implicit rewards β·(log π − log π_ref)."""
-    from align_jax.losses.reward import plackett_luce_nll
-
-    logps, ref, mask = _listwise_inputs(model, batch, ref_model, cfg)
-    beta = cfg.loss.kwargs.get("beta", 0.1)
-    return {"loss": plackett_luce_nll(beta * (logps - ref), batch["ranks"], mask)}
-
-
-def register_listwise_dpo() -> None:
-    """Registers algorithm "listwise_dpo" (data kind groupwise, frozen reference) once per process."""
-    from align_jax.algorithms.base import ALGORITHMS, Algorithm, register
-
-    if "listwise_dpo" not in ALGORITHMS:
-        register(Algorithm("listwise_dpo", "groupwise", listwise_dpo_loss, listwise_dpo_eval, needs_reference=True,
-                           loss_prefixes=("listwise_dpo",)))
-
-
 # ------------------------------------------------------------------------------------------------- configs
 
 
@@ -404,10 +350,10 @@ def ranked_config(method: str, seed: int, wd: str, sft_path: str, train_file: st
         cfg = _base("dpo", "", seed, wd, sft_path, steps)
         cfg.loss.kwargs = {"beta": c.dpo_beta} if groupwise else {"beta": c.dpo_beta, "label_smoothing": 0.0}
         cfg.optimizer.learning_rate = c.dpo_learning_rate
-        if groupwise:
-            register_listwise_dpo()
+        if groupwise:  # configs/dpo.py:listwise
             cfg.algorithm = cfg.loss.name = "listwise_dpo"
             cfg.reference.precompute = False  # a live reference: listwise DPO has no precomputed path
+            cfg.data.packing = False  # the README's runs were padded (packing gives the same loss to ~1e-6)
     cfg.data.train = train_file
     if groupwise:
         cfg.data.kind, cfg.data.group_size, cfg.batch_size = "groupwise", 4, gps

@@ -1,6 +1,6 @@
 """experiments/group_size.py at --size=tiny end to end (outputs exist and parse, the grid is complete, the pairs
-derived from the ranked groups are the rankings' own, a rerun trains nothing), its listwise-DPO adapter against the
-library's pairwise DPO at K = 2, and its pure helpers on hand-made inputs (pairs from a ranking, top-1, verdicts)."""
+derived from the ranked groups are the rankings' own, a rerun trains nothing) and its pure helpers on hand-made
+inputs (pairs from a ranking, top-1, verdicts). Listwise DPO itself: tests/test_listwise_dpo.py."""
 
 import csv
 import json
@@ -140,42 +140,6 @@ def test_rerun_trains_nothing(out):
     with open(wd / "runs.csv", newline="") as f:
         again = list(csv.DictReader(f))
     assert again == rows
-
-
-def test_listwise_adapter_with_two_responses_is_the_librarys_dpo(out, gs):
-    """The script's listwise-DPO adapter on groups of K = 2 without ties = the library's pairwise DPO
-    (algorithms.dpo.dpo_loss, its own log-prob code) on the same pairs, with a policy that differs from the
-    reference (the trained listwise-DPO export vs the SFT model)."""
-    import jax.numpy as jnp
-    import ml_collections
-
-    from align_jax.algorithms.dpo import dpo_loss
-    from align_jax.models import load_pretrained
-
-    wd, _, _ = out
-    policy = load_pretrained(str(wd / "runs" / "listwise_DPO_seed0" / "export"))
-    ref = load_pretrained(str(wd / "sft" / "export"))
-    rng = np.random.default_rng(0)
-    B, L, vocab = 3, 12, 50
-    ids = rng.integers(3, vocab, size=(B, 2, L)).astype(np.int32)
-    attn = np.ones((B, 2, L), np.int32)
-    attn[1, 1, 9:] = 0  # a shorter second response
-    comp = np.zeros((B, 2, L), np.int32)
-    comp[:, :, 5:] = 1
-    comp *= attn
-    ranks = np.array([[0, 1], [1, 0], [0, 1]], np.int32)
-    group = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn), "completion_mask": jnp.asarray(comp),
-             "ranks": jnp.asarray(ranks), "group_mask": jnp.ones((B, 2)), "example_weight": jnp.ones(B)}
-    cfg = ml_collections.ConfigDict({"chunk_size": 8192, "loss": {"name": "listwise_dpo", "kwargs": {"beta": 0.3}}})
-    listwise, _ = gs.listwise_dpo_loss(policy, group, ref, cfg)
-    best, worst = ranks.argmin(1), ranks.argmax(1)
-    pick = lambda a, k: jnp.asarray(a[np.arange(B), k])  # noqa: E731
-    pair = {f"{side}_{name}": pick(a, k) for side, k in (("chosen", best), ("rejected", worst))
-            for name, a in (("input_ids", ids), ("attention_mask", attn), ("completion_mask", comp))}
-    pair["label_probs"] = jnp.ones(B)
-    pcfg = ml_collections.ConfigDict({"chunk_size": 8192, "loss": {"name": "dpo:sigmoid", "kwargs": {"beta": 0.3}}})
-    pairwise, _ = dpo_loss(policy, pair, ref, pcfg)
-    assert abs(float(listwise) - float(pairwise)) < 1e-5 and float(pairwise) != pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_pairs_from_a_ranking_by_hand(gs):

@@ -1,6 +1,6 @@
 """Padding-free preference batches (align_jax.data.packing): first-fit decreasing by hand, packed rows that unpack to
 the padded layout exactly, every packing algorithm (DPO with and without a reference, ORPO, pairwise (soft labels)
-and groupwise reward models, offline GRPO with a reference) giving the padded path's loss, metrics and gradients,
+and groupwise reward models, offline GRPO with a reference, listwise DPO) giving the padded path's loss, metrics and gradients,
 the loop's losses equal over several steps with gradient accumulation on 8 devices, and packing on by default
 with fewer rows. (The multi-process and split-mesh tests run the packed default too.)"""
 
@@ -103,6 +103,7 @@ CASES = {
     "reward_pairwise_soft": ("reward_model", "tiny", {}),
     "reward_groupwise": ("reward_model", "tiny,groupwise", {}),
     "grpo_offline_reference": ("grpo", "tiny,offline", {"loss.kwargs.beta": 0.04, "loss.reference_free": False}),
+    "listwise_dpo": ("dpo", "tiny,listwise", {}),
 }
 
 

@@ -3,6 +3,7 @@
     sft             supervised fine-tuning on completions                          (sft.py)
     reward_model    Bradley-Terry / Plackett-Luce reward model                     (reward_model.py)
     dpo             DPO and its variants (IPO, cDPO, robust, SimPO-style, ...)     (dpo.py)
+    listwise_dpo    DPO under Plackett–Luce on ranked groups                       (listwise_dpo.py)
     orpo            ORPO                                                           (orpo.py)
     grpo            GRPO online (sampling + reward functions)                      (grpo.py)
     grpo_offline    GRPO on ranked / scored groups                                 (grpo.py)
@@ -13,6 +14,6 @@ The interface an algorithm implements is `base.Algorithm` (documented there); RE
 """
 
 from align_jax.algorithms.base import ALGORITHMS, Algorithm, get_algorithm, register
-from align_jax.algorithms import dpo, grpo, orpo, ppo, reward_model, rloo, sft  # noqa: E402,F401  (register)
+from align_jax.algorithms import dpo, grpo, listwise_dpo, orpo, ppo, reward_model, rloo, sft  # noqa: E402,F401  (register)
 
 __all__ = ["ALGORITHMS", "Algorithm", "get_algorithm", "register"]

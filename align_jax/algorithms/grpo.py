@@ -64,8 +64,7 @@ from align_jax import losses
 from align_jax.algorithms.base import Algorithm, register
 from align_jax.errors import refuse
 from align_jax.losses.common import masked_count, masked_sum, safe_div
-from align_jax.models.logps import completion_logps, is_packed, next_token_mask, packed_token_logps, unpack
-from align_jax.ops import token_logps
+from align_jax.models.logps import completion_logps, group_token_logps
 from align_jax.rl.rollout import GroupRollout, validate_online, validate_sampling
 
 _SCALES = ("group", "batch", "none")
@@ -181,25 +180,6 @@ def make_grpo_rollout(*, config, graphdef, rest, ref, tokenizer, mesh, workdir) 
 # ---------------------------------------------------------------------------------------------- offline
 
 
-def _flat_logps(model, batch, chunk_size: int, return_entropy: bool):
-    """Groupwise batch [B, K, L] (padded or packed) -> per-token log-probs (and entropies) of tokens 1..L-1 and
-    the loss mask, [B·K, L-1] (rows of padded group slots are masked)."""
-    B, K, L = batch["attention_mask"].shape
-    attn, comp = (batch[k].reshape(B * K, L) for k in ("attention_mask", "completion_mask"))
-    if is_packed(batch):
-        index = batch["token_index"].reshape(B * K, L)
-        packed = packed_token_logps(model, batch, chunk_size, return_entropy)
-        out = tuple(unpack(x, index)[:, :-1] for x in packed) if return_entropy else unpack(packed, index)[:, :-1]
-    else:
-        ids = batch["input_ids"].reshape(B * K, L)
-        h = model(ids, attn, None, None, return_hidden=True)
-        out = token_logps(h[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
-                          return_entropy=return_entropy)
-    mask = next_token_mask(attn, comp)
-    valid = (batch["group_mask"] * batch["example_weight"][:, None]).reshape(B * K).astype(jnp.float32)
-    return out, mask * valid[:, None]
-
-
 def offline_advantages(batch, how: str = "ranks", scale_rewards: str = "group"):
     """[B, K] advantages of a groupwise batch: `rank_advantages(ranks, group_mask)` ("ranks") or the
     group-normalised `scores` over the valid slots ("scores": `nan_group_advantages` with padded slots as NaN,
@@ -214,12 +194,12 @@ def offline_advantages(batch, how: str = "ranks", scale_rewards: str = "group"):
 
 
 def grpo_offline_loss(model, batch, ref_model, cfg):
-    (logps, entropy), mask = _flat_logps(model, batch, cfg.chunk_size, True)
+    (logps, entropy), mask = group_token_logps(model, batch, cfg.chunk_size, True)
     g = cfg.get("grpo", {}) or {}
     adv = offline_advantages(batch, g.get("offline_advantages", "ranks"), g.get("scale_rewards", "group"))
     ref = None
     if ref_model is not None:
-        ref, _ = _flat_logps(ref_model, batch, cfg.chunk_size, False)
+        ref, _ = group_token_logps(ref_model, batch, cfg.chunk_size, False)
         ref = jax.lax.stop_gradient(ref)
         if "policy_is_reference" in batch:  # before the first update π = π_ref exactly
             ref = jnp.where(batch["policy_is_reference"], jax.lax.stop_gradient(logps), ref)
@@ -230,7 +210,7 @@ def grpo_offline_loss(model, batch, ref_model, cfg):
 
 def grpo_offline_eval(model, batch, ref_model, cfg):
     """Top-1: the response with the highest mean token log-prob is a best-ranked one."""
-    logps, mask = _flat_logps(model, batch, cfg.chunk_size, False)
+    logps, mask = group_token_logps(model, batch, cfg.chunk_size, False)
     B, K = batch["group_mask"].shape
     seq = (safe_div(masked_sum(logps, mask, axis=-1), masked_count(mask, axis=-1))).reshape(B, K)
     valid = batch["group_mask"] > 0

@@ -92,6 +92,25 @@ def pair_token_logps(model, batch, chunk_size):
     return (logps[:B], mask[:B]), (logps[B:], mask[B:])
 
 
+def group_token_logps(model, batch, chunk_size: int, return_entropy: bool):
+    """Groupwise batch [B, K, L] (padded or packed) -> per-token log-probs (and entropies) of tokens 1..L-1 and
+    the loss mask, [B·K, L-1] (rows of padded group slots are masked)."""
+    B, K, L = batch["attention_mask"].shape
+    attn, comp = (batch[k].reshape(B * K, L) for k in ("attention_mask", "completion_mask"))
+    if is_packed(batch):
+        index = batch["token_index"].reshape(B * K, L)
+        packed = packed_token_logps(model, batch, chunk_size, return_entropy)
+        out = tuple(unpack(x, index)[:, :-1] for x in packed) if return_entropy else unpack(packed, index)[:, :-1]
+    else:
+        ids = batch["input_ids"].reshape(B * K, L)
+        h = model(ids, attn, None, None, return_hidden=True)
+        out = token_logps(h[:, :-1], model.lm_head_DxV(), ids[:, 1:], chunk_size=chunk_size,
+                          return_entropy=return_entropy)
+    mask = next_token_mask(attn, comp)
+    valid = (batch["group_mask"] * batch["example_weight"][:, None]).reshape(B * K).astype(jnp.float32)
+    return out, mask * valid[:, None]
+
+
 def seq_logps(logps, mask):
     """Sequence log-probability Σ_t mask_t · log π(y_t | ...)  ([B, T] -> [B])."""
     return jnp.sum(logps * mask, axis=-1)

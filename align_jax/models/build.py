@@ -38,8 +38,8 @@ def build_policy(config, mesh, *, scalar_head: bool = False, seed_offset: int = 
             mcfg = load_hf_config(init[len("random:"):], **kw)
         seed = config.seed + seed_offset
         if scalar_head:
-            return create_sharded(lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
-        return create_sharded(lambda: Transformer(mcfg, rngs=nnx.Rngs(seed)), mesh)
+            return create_sharded(lambda rngs: ScalarHeadModel(mcfg, rngs=rngs), mesh, seed=seed)
+        return create_sharded(lambda rngs: Transformer(mcfg, rngs=rngs), mesh, seed=seed)
     if not os.path.isdir(init):
         raise SetupError(f"config.model.init_from={init!r}: not a directory (nor 'toy' / 'random:<config.json>')")
     backbone = load_pretrained(init, dtype=kw["param_dtype"], compute_dtype=kw["compute_dtype"],

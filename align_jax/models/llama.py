@@ -342,4 +342,4 @@ def init_model(config: ModelConfig, seed: int = 0, mesh=None) -> Transformer:
     """A randomly initialised model (std 0.02 weights, unit norms), created directly in its shardings."""
     from align_jax.parallel import create_sharded
 
-    return create_sharded(lambda: Transformer(config, rngs=nnx.Rngs(seed)), mesh)
+    return create_sharded(lambda rngs: Transformer(config, rngs=rngs), mesh, seed=seed)

@@ -136,17 +136,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def create_sharded(module_fn, mesh: Mesh | None, rules=RULES):
-    """Creates the NNX module built by `module_fn()` with every parameter directly in its sharding.
+def create_sharded(module_fn, mesh: Mesh | None, rules=RULES, *, seed: int | None = None):
+    """Creates the NNX module built by `module_fn()` (with `seed`: `module_fn(nnx.Rngs(seed))`) with every
+    parameter directly in its sharding.
 
     The state's shapes come from `nnx.eval_shape` (nothing allocated), then one `jax.jit` with
     `out_shardings` runs the initialisers so that each device only ever holds its own shards; no unsharded
-    copy exists on any device."""
-    abstract = nnx.eval_shape(module_fn)
-    graphdef, abs_state = nnx.split(abstract)
+    copy exists on any device. With `seed`, the PRNG key is an argument of that program rather than a constant
+    in it, so models that differ only in their seed share one compiled initialiser (the same numbers as
+    `nnx.Rngs(seed)` built inside)."""
+    build = module_fn if seed is None else (lambda: module_fn(nnx.Rngs(seed)))
     if mesh is None:
-        return module_fn()
+        return build()
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build))
     shardings = param_shardings(abs_state, mesh, rules)
-
-    init = jax.jit(lambda: nnx.state(module_fn()), out_shardings=shardings)
-    return nnx.merge(graphdef, init())
+    if seed is None:
+        return nnx.merge(graphdef, jax.jit(lambda: nnx.state(module_fn()), out_shardings=shardings)())
+    init = jax.jit(lambda key: nnx.state(module_fn(nnx.Rngs(key))), out_shardings=shardings)
+    return nnx.merge(graphdef, init(jax.random.key(seed)))

@@ -188,8 +188,8 @@ METRICS = AXES + [("kl", "KL(π ‖ π_SFT) per sequence (nats)", False), ("seco
 DIGITS = {"seconds": 1, "step_seconds": 1, "model_calls": 0}
 CSV_FIELDS = (["method", "noise", "seed"] + [k for k, _, _ in METRICS] +
               ["flops_" + k for k in FLOP_KINDS] + ["decode_steps", "forward_calls", "generated_tokens",
-                                                   "roughness", "final_loss", "rm_accuracy", "flipped", "resumed",
-                                                   "run"])
+                                                   "roughness", "final_loss", "prob_error", "ece", "rm_accuracy",
+                                                   "flipped", "resumed", "run"])
 
 
 def get_config(arg: str = ""):
@@ -545,6 +545,50 @@ def kl_to_sft(policy_path: str, sft_path: str, toy_dir: str, c, seed: int) -> fl
     return float(np.mean(seq[0] - seq[1]))
 
 
+def calibration_scores(method: str, export: str, sft_path: str, rm_export: str, toy_dir: str, data_dir: str,
+                       beta: float) -> dict:
+    """The method's implied probability that the chosen response of each held-out pair is preferred
+    (`align_jax.evaluation.calibration`: RLHF its reward model's σ(r_w − r_l), DPO σ(β·Δ log-ratio to the SFT
+    reference), ORPO σ(Δ log-odds)) against the toy task's true preference probability σ((gold_w − gold_l)/1.5):
+    {"prob_error", "ece"}; NaN for methods that imply none (GRPO)."""
+    if method not in ("RLHF", "DPO", "ORPO"):
+        return {"prob_error": float("nan"), "ece": float("nan")}
+    from transformers import AutoTokenizer
+
+    from align_jax.data import build_dataset, make_loader
+    from align_jax.data.toy import read_jsonl
+    from align_jax.data.toy.datasets import bt_prob
+    from align_jax.data.toy.scoring import gold_reward
+    from align_jax.evaluation import calibration
+    from align_jax.evaluation.policy import pair_reward_scores, pair_sequence_logps
+    from align_jax.models import load_pretrained
+
+    path = os.path.join(toy_dir, "eval_pairs.jsonl")
+    true = np.array([bt_prob(gold_reward(r["prompt"], r["chosen"]) - gold_reward(r["prompt"], r["rejected"]))
+                     for r in read_jsonl(path)])
+    tok = AutoTokenizer.from_pretrained(export)
+
+    def loader():
+        builder, _ = build_dataset(path, kind="pairwise", data_dir=data_dir)
+        return make_loader(builder.as_data_source("train"), tok, kind="pairwise", batch_size=100, shuffle=False,
+                           num_epochs=1, drop_remainder=False, max_length=128, length_buckets=(64, 128))[0]
+
+    if method == "RLHF":
+        from align_jax.rl.reward_model import load_reward_model
+
+        p_hat = calibration.bt_probs(*pair_reward_scores(load_reward_model(rm_export), loader()))
+    else:
+        pol = pair_sequence_logps(load_pretrained(export), loader())
+        if method == "DPO":
+            ref = pair_sequence_logps(load_pretrained(sft_path), loader())
+            p_hat = calibration.dpo_probs(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta)
+        else:
+            p_hat = calibration.orpo_probs(pol["chosen"] / pol["chosen_tokens"],
+                                           pol["rejected"] / pol["rejected_tokens"])
+    m = calibration.calibration_metrics(p_hat, true)
+    return {"prob_error": m["prob_error"], "ece": m["ece"]}
+
+
 def eval_dir(wd: str, c) -> str:
     """The toy directory the evaluation reads: <wd>/toy_data, or a copy with the first `eval_pairs` held-out pairs."""
     from align_jax.data.toy import read_jsonl
@@ -620,17 +664,20 @@ def one_run(method: str, noise: float, seed: int, wd: str, sft_path: str, c) -> 
         export = os.path.join(rd, "export")
         scores = tp.evaluate_policy(export, toy_dir, c.eval_prompts, data_dir)
         kl = kl_to_sft(export, sft_path, toy_dir, c, seed)
+        cal = calibration_scores(method, export, sft_path, os.path.join(rd, "reward_model", "export"), toy_dir,
+                                 data_dir, cfg.loss.kwargs.get("beta", 0.1))
         rows, _ = tp.read_metrics(os.path.join(rd, "metrics.jsonl"))
         losses = [float(r["loss"]) for r in rows]
         return {**res, **{k: scores[k] for k, _, _ in AXES}, "kl": kl, "roughness": roughness(losses),
-                "final_loss": float(np.mean(losses[-5:])) if losses else float("nan")}
+                "final_loss": float(np.mean(losses[-5:])) if losses else float("nan"), **cal}
 
     res = dict(ab.cached_run(rd, _signature(method, cfg, c, noise), compute))
     all_stages = stages + [(stage_name, cfg, res)]
     calls = [model_calls(m, sc) for m, sc, _ in all_stages]
     row = {"method": method, "noise": noise, "seed": seed, "run": name, "flipped": flipped,
            **{k: res[k] for k, _, _ in AXES}, "kl": res["kl"], "roughness": res["roughness"],
-           "final_loss": res["final_loss"],
+           "final_loss": res["final_loss"], "prob_error": res.get("prob_error", float("nan")),
+           "ece": res.get("ece", float("nan")),
            "seconds": sum(r["seconds"] for _, _, r in all_stages),
            "step_seconds": steady_seconds(rd) + (steady_seconds(os.path.join(rd, "reward_model")) if stages else 0.0),
            "resumed": any(r["resumed"] for _, _, r in all_stages),
@@ -657,7 +704,8 @@ def _rm_accuracy(rm_dir: str):
 
 def aggregate(rows: list[dict]) -> dict:
     """{(method, noise): {metric: (mean, sample std, n), "seeds": {seed: row}}}."""
-    return ab.aggregate(rows, ("method", "noise"), tuple(k for k, _, _ in METRICS) + ("roughness",))
+    return ab.aggregate(rows, ("method", "noise"), tuple(k for k, _, _ in METRICS) + ("roughness", "prob_error",
+                                                                                       "ece"))
 
 
 def compare(a, b) -> str:
@@ -676,7 +724,7 @@ def _v(agg, m, noise, key):
 
 def _s(ms, digits=3) -> str:
     """'mean ± std' (3 significant digits from 10^4 on)."""
-    if ms is None:
+    if ms is None or ms[2] == 0:
         return "—"
     mean, std, n = ms
     if digits == 0 and np.isfinite(mean):
@@ -764,8 +812,16 @@ def verdicts(agg: dict, c) -> list[str]:
                 line(f"ORPO \"robust to noise\" (gold-reward drop at {c.noise:.0%} flips smaller than DPO's)",
                      {"lower": "holds", "higher": "does not hold"}.get(cmp, "not distinguishable"),
                      f"drop ORPO {_s(d['ORPO'])}, DPO {_s(d['DPO'])}" + (f"; {others}" if others else ""))
-        line("ORPO \"calibrated preference probabilities\"", "not tested",
-             "needs held-out pairs with true preference probabilities; the toy task's held-out pairs have none")
+        e = {m: _v(agg, m, 0, "ece") for m in ("ORPO", "DPO", "RLHF") if m in ms}
+        if e.get("ORPO") and e.get("DPO") and e["ORPO"][2] and e["DPO"][2]:
+            cmp = compare(e["ORPO"], e["DPO"])
+            line("ORPO \"calibrated preference probabilities\" (its σ(log odds ratio) closer to the true preference "
+                 "probability of held-out pairs than DPO's implicit σ(β·Δ log-ratio): lower ECE)",
+                 {"lower": "holds", "higher": "does not hold"}.get(cmp, "not distinguishable"),
+                 f"ECE ORPO {_s(e['ORPO'])}, DPO {_s(e['DPO'])}" +
+                 (f"; RLHF's reward model (trained on the soft labels) {_s(e['RLHF'])}" if e.get("RLHF") and
+                  e["RLHF"][2] else "") +
+                 f"; mean |p̂ − p| ORPO {_s(_v(agg, 'ORPO', 0, 'prob_error'))}, DPO {_s(_v(agg, 'DPO', 0, 'prob_error'))}")
     grpo = [m for m in ("GRPO_online", "GRPO_offline") if m in ms]
     if grpo and "DPO" in ms:
         cmps = {m: compare(g[m], g["DPO"]) for m in grpo}
@@ -797,15 +853,16 @@ def markdown(agg: dict, sft: dict, c, seconds: float) -> str:
              "(finished runs are read back, not rerun).", "",
              "## The description's table with the measured columns", "",
              "| technique | complexity | strengths | drawbacks | gold reward | KL to SFT | seconds | train FLOPs | "
-             "model calls | gold reward, 30% flipped |".replace("30%", f"{c.noise:.0%}"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "model calls | gold reward, 30% flipped | preference-probability ECE |".replace("30%", f"{c.noise:.0%}"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in ms:
         cx, st, dr = WORDS[m]
         noisy = _s(_v(agg, m, c.noise, "gold_reward")) if c.noise and HAS_LABELS[m] else "no labels"
         lines.append(f"| {LABELS[m]} | {cx} | {st} | {dr} | {_s(_v(agg, m, 0, 'gold_reward'))} | "
                      f"{_s(_v(agg, m, 0, 'kl'))} | {_s(_v(agg, m, 0, 'seconds'), 1)} | "
-                     f"{_s(_v(agg, m, 0, 'train_flops'))} | {_s(_v(agg, m, 0, 'model_calls'), 0)} | {noisy} |")
-    lines.append(f"| SFT (start) | — | — | — | {sft['gold_reward']:.3f} | 0 | — | — | — | — |")
+                     f"{_s(_v(agg, m, 0, 'train_flops'))} | {_s(_v(agg, m, 0, 'model_calls'), 0)} | {noisy} | "
+                     f"{_s(_v(agg, m, 0, 'ece'))} |")
+    lines.append(f"| SFT (start) | — | — | — | {sft['gold_reward']:.3f} | 0 | — | — | — | — | — |")
     lines += ["", "## Claims", ""] + verdicts(agg, c) + [""]
     for noise in ([0.0, c.noise] if c.noise else [0.0]):
         title = "clean labels" if not noise else f"{noise:.0%} of the preference labels flipped"
@@ -825,7 +882,11 @@ def markdown(agg: dict, sft: dict, c, seconds: float) -> str:
               "sampler, the reference / old-policy forwards and PPO's rollout pass) times its calls; RLHF includes "
               "its reward model. Model calls: sequences through a model's forward plus generated tokens, from the "
               "configs' shapes (docstring of experiments/compare_techniques.py). Seconds: `train()` of every stage, "
-              "without the evaluation and the shared SFT stage. GRPO online has no labels, so no noisy run.", ""]
+              "without the evaluation and the shared SFT stage. GRPO online has no labels, so no noisy run. "
+              "Preference-probability ECE: on the held-out pairs, the probability the method implies that the chosen "
+              "response wins (RLHF: its reward model's σ(r_w − r_l); DPO: σ(β·Δ log π/π_SFT); ORPO: σ(Δ log odds)) "
+              "against the toy task's true σ((gold_w − gold_l)/1.5), 10 bins (align_jax.evaluation.calibration); "
+              "GRPO implies none.", ""]
     return "\n".join(lines)
 
 

@@ -388,28 +388,13 @@ def eval_dir(wd: str, c) -> str:
 
 def pair_scores(rm, tok, pairs_file: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """Reward-model scores (chosen, rejected) of every pair of a pairwise file, in file order."""
-    import jax
-
     from align_jax.data import build_dataset, make_loader
-    from align_jax.models.heads import sequence_scores
+    from align_jax.evaluation.policy import pair_reward_scores
 
     builder, _ = build_dataset(pairs_file, kind="pairwise", data_dir=data_dir)
     loader, _ = make_loader(builder.as_data_source("train"), tok, kind="pairwise", batch_size=100, shuffle=False,
                             num_epochs=1, drop_remainder=False, max_length=128, length_buckets=(64, 128))
-    from flax import nnx
-
-    graphdef, state = nnx.split(rm)
-    jitted = jax.jit(lambda state, ids, attn: sequence_scores(nnx.merge(graphdef, state), ids, attn))
-
-    def score(ids, attn):
-        return jitted(state, ids, attn)
-
-    c, r = [], []
-    for b in loader:
-        keep = np.asarray(b["example_weight"]) > 0
-        c.append(np.asarray(score(b["chosen_input_ids"], b["chosen_attention_mask"]))[keep])
-        r.append(np.asarray(score(b["rejected_input_ids"], b["rejected_attention_mask"]))[keep])
-    return np.concatenate(c), np.concatenate(r)
+    return pair_reward_scores(rm, loader)
 
 
 def top1_accuracy(chosen, rejected, meta: dict) -> float:

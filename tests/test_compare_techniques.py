@@ -75,6 +75,8 @@ def test_outputs_exist_grid_complete_and_values_real(out, ct):
         assert r["resumed"] == "False"
     rlhf = next(r for r in rows if r["method"] == "RLHF")
     assert 0.0 <= float(rlhf["rm_accuracy"]) <= 1.0
+    for r in rows:  # RLHF (its reward model) and DPO both imply preference probabilities: calibrated against the toy's
+        assert 0.0 < float(r["prob_error"]) < 1.0 and 0.0 <= float(r["ece"]) <= float(r["prob_error"]) + 1e-9, r
     # the noisy DPO run trained on the flipped file, the clean one on the toy pairs
     sig = json.loads((wd / "runs" / "DPO_noise0.3_seed0" / "result.json").read_text())["signature"]
     assert sig["train"].endswith("noisy/pairs_noise0.3_seed0.jsonl") and sig["noise"] == 0.3
@@ -182,7 +184,7 @@ def _rows(values):
 
 
 def test_aggregate_and_verdicts_on_hand_made_numbers(ct):
-    keys = [k for k, _, _ in ct.METRICS] + ["roughness"]
+    keys = [k for k, _, _ in ct.METRICS] + ["roughness", "prob_error", "ece"]
 
     def cell(gold, seconds, flops, calls, rough=0.1, **kw):
         d = dict.fromkeys(keys, 0.5)
@@ -193,8 +195,8 @@ def test_aggregate_and_verdicts_on_hand_made_numbers(ct):
               ("DPO", 0.0): [cell(1.0, 20, 1e11, 4e3, 0.2), cell(1.02, 21, 1e11, 4e3, 0.21),
                              cell(0.98, 22, 1e11, 4e3, 0.19)],
               ("DPO", 0.3): [cell(0.6, 20, 1e11, 4e3), cell(0.62, 21, 1e11, 4e3), cell(0.58, 22, 1e11, 4e3)],
-              ("ORPO", 0.0): [cell(1.0, 15, 5e10, 2e3, 0.05), cell(1.1, 15, 5e10, 2e3, 0.06),
-                              cell(0.9, 15, 5e10, 2e3, 0.04)],
+              ("ORPO", 0.0): [cell(1.0, 15, 5e10, 2e3, 0.05, ece=0.1), cell(1.1, 15, 5e10, 2e3, 0.06, ece=0.12),
+                              cell(0.9, 15, 5e10, 2e3, 0.04, ece=0.11)],
               ("ORPO", 0.3): [cell(0.95, 15, 5e10, 2e3), cell(1.05, 15, 5e10, 2e3), cell(0.85, 15, 5e10, 2e3)],
               ("GRPO_online", 0.0): [cell(1.1, 50, 5e11, 8e4), cell(1.12, 52, 5e11, 8e4), cell(1.14, 51, 5e11, 8e4)]}
     agg = ct.aggregate(_rows(values))
@@ -213,9 +215,15 @@ def test_aggregate_and_verdicts_on_hand_made_numbers(ct):
     assert "**holds**" in next(v for k, v in lines.items() if 'DPO "fast"' in k)
     assert "**holds**" in next(v for k, v in lines.items() if 'ORPO "smooth' in k)  # 0.05 ± 0.01 vs 0.2 ± 0.01
     assert "**holds**" in next(v for k, v in lines.items() if 'ORPO "robust' in k)  # drop 0.05 vs 0.4
+    assert "**holds**" in next(v for k, v in lines.items() if 'ORPO "calibrated' in k)  # ECE 0.11 ± 0.01 vs 0.5
     assert "**holds**" in next(v for k, v in lines.items() if "more expressive" in k)  # 1.12 ± 0.02 vs 1.0 ± 0.02
     assert "**holds**" in next(v for k, v in lines.items() if "more intensive" in k)
     # DPO's seed std (0.02) vs the others' median (RLHF 0.05, ORPO 0.1, GRPO 0.02 -> 0.05): stable
     assert "**holds**" in next(v for k, v in lines.items() if 'DPO "stable' in k)
     md = ct.markdown(agg, {"gold_reward": 0.4, "correctness": 0.3}, c, 1.0)
     assert "| DPO | one stage" in md and "1.000 ± 0.020" in md
+    orpo = next(x for x in md.splitlines() if x.startswith(f"| {ct.LABELS['ORPO']} |"))
+    assert orpo.split("|")[-2].strip() == "0.110 ± 0.010"  # the ECE column
+    values[("DPO", 0.0)][0]["ece"] = 0.05  # DPO's ECE 0.35 ± 0.26: no longer distinguishable
+    lines = {x.split(":")[0]: x for x in ct.verdicts(ct.aggregate(_rows(values)), c)}
+    assert "**not distinguishable**" in next(v for k, v in lines.items() if 'ORPO "calibrated' in k)

@@ -68,6 +68,41 @@ def _sequence_logps_fn(model, chunk_size: int):
     return fn, state
 
 
+def pair_sequence_logps(model, loader, *, chunk_size: int = 8192) -> dict:
+    """Over a pairwise eval loader, in its order, the real pairs' (padding rows dropped) sequence log-probs
+    `chosen`, `rejected` (sums over completion tokens) and their completion token counts `chosen_tokens`,
+    `rejected_tokens`; numpy arrays [N]."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fn(state, batch):
+        (c, cm), (r, rm) = pair_token_logps(nnx.merge(graphdef, state), batch, chunk_size)
+        return seq_logps(c, cm), seq_logps(r, rm), cm.sum(-1), rm.sum(-1)
+
+    keys = [f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "completion_mask")]
+    out = {k: [] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    for batch in loader:
+        keep = np.asarray(batch["example_weight"]) > 0
+        for k, v in zip(out, jax.device_get(fn(state, {k: batch[k] for k in keys}))):
+            out[k].append(np.asarray(v)[keep])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def pair_reward_scores(reward_model, loader) -> tuple[np.ndarray, np.ndarray]:
+    """A reward model's (`ScalarHeadModel`) scores r(x, y_w), r(x, y_l) [N] of the real pairs of a pairwise eval
+    loader, in its order (the score at each sequence's last real token)."""
+    from align_jax.models.heads import sequence_scores
+
+    graphdef, state = nnx.split(reward_model)
+    score = jax.jit(lambda state, ids, attn: sequence_scores(nnx.merge(graphdef, state), ids, attn))
+    c, r = [], []
+    for batch in loader:
+        keep = np.asarray(batch["example_weight"]) > 0
+        c.append(np.asarray(score(state, batch["chosen_input_ids"], batch["chosen_attention_mask"]))[keep])
+        r.append(np.asarray(score(state, batch["rejected_input_ids"], batch["rejected_attention_mask"]))[keep])
+    return np.concatenate(c), np.concatenate(r)
+
+
 def preference_accuracy(model, loader, *, ref_model=None, chunk_size: int = 8192) -> dict:
     """Held-out preference accuracy over a pairwise eval loader (padding rows excluded)."""
     pair_logps, state = _sequence_logps_fn(model, chunk_size)

@@ -107,10 +107,60 @@ def test_merged_copy_equals_the_adapted_model_and_peft_files_round_trip(tmp_path
         lora.load_peft_adapter(wrong, str(tmp_path / "adapter"))
 
 
+def test_dropout_masks_the_adapter_input_inside_the_train_scope_only():
+    """PEFT's lora_dropout: inside `lora_dropout(key, p)` each adapter sees x·mask/(1 − p); the same key gives the
+    same masks, another key others; scanned layers draw the masks of the unrolled ones (same layer indices);
+    outside the scope, and with the adapters off, nothing changes; B = 0 (a fresh adapter): the output is the
+    base model's either way, but B's gradient differs."""
+    from align_jax.models.llama import _dropped, lora_dropout
+
+    x = jnp.ones((64, 128))
+    with lora_dropout(jax.random.key(0), 0.25):
+        d = np.asarray(_dropped(x, "q"))
+        assert set(np.unique(d).tolist()) == {0.0, float(np.float32(1) / np.float32(0.75))}  # dropped, or x/(1 − p)
+        assert abs((d == 0).mean() - 0.25) < 0.02
+        np.testing.assert_array_equal(np.asarray(_dropped(x, "q")), d)
+        assert (np.asarray(_dropped(x, "k")) != d).any()  # another weight: another mask
+    np.testing.assert_array_equal(np.asarray(_dropped(x, "q")), np.asarray(x))  # outside the scope
+
+    model = _toy_model()
+    ids, mask = _ids()
+    base = np.asarray(model(ids, mask))
+    lora.add_lora(model, _lora_cfg(), seed=3)
+
+    def loss_and_grad(m, key, rate):
+        graphdef, adapters, rest = nnx.split(m, nnx.LoRAParam, ...)
+
+        def f(a):
+            with lora_dropout(key, rate):
+                return jnp.sum(jnp.sin(nnx.merge(graphdef, a, rest)(ids, mask)))
+
+        return jax.value_and_grad(f)(adapters)
+
+    (l0, g0), (l1, g1) = (loss_and_grad(model, jax.random.key(1), r) for r in (0.0, 0.5))
+    assert float(l0) == float(l1)  # B = 0: the adapters add nothing, dropped or not
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    _randomize_b(model)
+    with lora_dropout(jax.random.key(1), 0.5):
+        a = np.asarray(model(ids, mask))
+        np.testing.assert_array_equal(np.asarray(model(ids, mask)), a)
+        np.testing.assert_array_equal(np.asarray(lora.adapters_off(model)(ids, mask)), base)
+    with lora_dropout(jax.random.key(2), 0.5):
+        assert np.abs(np.asarray(model(ids, mask)) - a).max() > 1e-4
+    assert np.abs(np.asarray(model(ids, mask)) - a).max() > 1e-4  # no dropout outside the scope
+    scanned = _toy_model()
+    scanned.config = scanned.config.replace(scan_layers=True)
+    lora.add_lora(scanned, _lora_cfg(), seed=3)
+    nnx.update(scanned, nnx.state(model))
+    with lora_dropout(jax.random.key(1), 0.5):
+        np.testing.assert_allclose(np.asarray(scanned(ids, mask)), a, rtol=1e-5, atol=1e-5)
+
+
 def _dpo(**kw):
-    return load_config("dpo", **{"lora.rank": 4, "lora.alpha": 8.0, "data.eval": "", "data.length_buckets": (64,),
-                                 "total_steps": 4, "checkpoint.every_steps": 2, "reference.precompute": False,
-                                 "optimizer.learning_rate": 1e-3, **kw})
+    """LoRA DPO with adapter dropout 0.1 (so the kill -9 resume below covers the per-step dropout masks)."""
+    return load_config("dpo", **{"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "data.eval": "",
+                                 "data.length_buckets": (64,), "total_steps": 4, "checkpoint.every_steps": 2,
+                                 "reference.precompute": False, "optimizer.learning_rate": 1e-3, **kw})
 
 
 def _steps(wd):
@@ -211,7 +261,7 @@ def test_grpo_with_lora_trains_and_its_reference_is_the_base(tmp_path):
 
 @pytest.mark.parametrize("override,key", [({"lora.rank": -1}, "lora.rank"), ({"lora.target_modules": "qproj"},
                                                                                "lora.target_modules"),
-                                          ({"lora.dropout": 0.1}, "lora.dropout"), ({"lora.init": "pissa"}, "lora.init"),
+                                          ({"lora.dropout": 1.0}, "lora.dropout"), ({"lora.init": "pissa"}, "lora.init"),
                                           ({"lora.init_from": "/nonexistent"}, "lora.init_from")])
 def test_bad_lora_config_is_refused_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigValueError, match=key.replace(".", r"\.")):

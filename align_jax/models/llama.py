@@ -15,6 +15,8 @@ masked to the valid ones (left-pad and unwritten slots are invalid) and causally
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -96,12 +98,53 @@ def default_positions(attention_mask_BxT=None, segment_ids_BxT=None, B: int = 1,
 LORA_IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
+# LoRA adapter dropout (PEFT's `lora_dropout`: y + (α/r)·(dropout(x)·A)·B) is on only inside `lora_dropout(key,
+# rate)`, which the train step opens around the policy's loss; outside it (evaluation, sampling, reference and
+# π_old log-probs) adapters see x itself. Each adapter's mask is drawn from the key folded with its layer's index
+# (`_layer_index`, set by `Transformer` for unrolled and scanned layers) and its weight's name, so it is the same
+# under remat's recomputation and for any trace order.
+_DROPOUT = contextvars.ContextVar("lora_dropout", default=None)
+_LAYER = contextvars.ContextVar("lora_layer", default=0)
+_WEIGHT_IDS = {name: i for i, name in enumerate(LORA_IN_AXES)}
+
+
+@contextlib.contextmanager
+def lora_dropout(key, rate: float):
+    """Adapter dropout with probability `rate` (inverted: kept inputs scaled by 1/(1 − rate)) inside the block;
+    `rate` 0: nothing changes."""
+    token = _DROPOUT.set((key, float(rate)) if rate else None)
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+@contextlib.contextmanager
+def _layer_index(i):
+    token = _LAYER.set(i)
+    try:
+        yield
+    finally:
+        _LAYER.reset(token)
+
+
+def _dropped(x, name: str):
+    drop = _DROPOUT.get()
+    if drop is None:
+        return x
+    key, rate = drop
+    key = jax.random.fold_in(jax.random.fold_in(key, _LAYER.get()), _WEIGHT_IDS[name])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def _adapted(module, name: str, x, y):
     """y + (α/r)·(x·A)·B when `module` has an active LoRA adapter on weight `name` (Hu et al. 2021, eq. 3; in x's
-    dtype), else y unchanged (no adapter: nothing is traced)."""
+    dtype; x dropped out inside `lora_dropout`), else y unchanged (no adapter: nothing is traced)."""
     a = getattr(module, f"lora_{name}_a", None)
     if a is None or not getattr(module, "lora_on", False):
         return y
+    x = _dropped(x, name)
     xa = jnp.tensordot(x, a[...].astype(x.dtype), axes=LORA_IN_AXES[name])
     b = getattr(module, f"lora_{name}_b")[...].astype(x.dtype)
     return y + jnp.tensordot(xa, b, axes=1) * jnp.asarray(module.lora_scale, x.dtype)
@@ -297,8 +340,9 @@ class Transformer(nnx.Module):
             run = _run_block
             if c.remat_policy != "none":
                 run = nnx.remat(_run_block, policy=_REMAT[c.remat_policy])
-            for block in self.layers:
-                x = constrain_batch(run(block, x, cos, sin, mask))  # the residual stream stays split by batch
+            for i, block in enumerate(self.layers):
+                with _layer_index(i):
+                    x = constrain_batch(run(block, x, cos, sin, mask))  # the residual stream stays split by batch
         h = self.final_norm(x)
         if return_hidden:
             return h
@@ -311,12 +355,14 @@ class Transformer(nnx.Module):
         graphdef, _ = nnx.split(self.layers[0])
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
 
-        def body(x, state):
-            return constrain_batch(_run_block(nnx.merge(graphdef, state), x, cos, sin, mask)), None
+        def body(x, xs):
+            state, i = xs
+            with _layer_index(i):
+                return constrain_batch(_run_block(nnx.merge(graphdef, state), x, cos, sin, mask)), None
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(body, policy=_REMAT[self.config.remat_policy], prevent_cse=False)
-        return jax.lax.scan(body, x, stacked)[0]
+        return jax.lax.scan(body, x, (stacked, jnp.arange(len(self.layers))))[0]
 
     def _call_cached(self, input_ids_BxT, attention_mask, positions, segment_ids, cache, return_hidden):
         c = self.config

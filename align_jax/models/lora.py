@@ -63,9 +63,8 @@ def validate(lora) -> None:
         return
     if not lora.alpha > 0:
         refuse("lora.alpha", f"must be > 0, got {lora.alpha!r}")
-    if lora.dropout != 0:
-        refuse("lora.dropout", f"{lora.dropout!r}: only 0.0 (PEFT's default) is supported; adapter dropout needs a "
-               "per-step random key in the model's forward, which align-jax does not thread through yet")
+    if not isinstance(lora.dropout, (int, float)) or isinstance(lora.dropout, bool) or not 0 <= lora.dropout < 1:
+        refuse("lora.dropout", f"{lora.dropout!r}: a probability in [0, 1) (PEFT's lora_dropout; 0 = none)")
     names = target_list(lora.target_modules)
     unknown = [n for n in names if n not in TARGETS]
     if not names or unknown:

@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning
     c.lora.alpha = 16.0  # scaling alpha / rank (PEFT's lora_alpha)
-    c.lora.dropout = 0.0  # PEFT's lora_dropout; only 0.0 is supported
+    c.lora.dropout = 0.0  # PEFT's lora_dropout: on the adapters' input, in the train step only
     c.lora.target_modules = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     c.lora.init = "default"  # default (PEFT: kaiming-uniform A, zero B) | gaussian (A ~ N(0, 1/r), zero B)
     c.lora.dtype = "float32"  # the adapters' dtype

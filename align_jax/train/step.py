@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from align_jax.models.llama import lora_dropout
 from align_jax.parallel.batch import activation_sharding
 
 
@@ -47,6 +48,11 @@ def train_step(state, batch, ref_params, frozen=None, *, graphdef, rest, ref_gra
                            ref_rest=ref_rest, algorithm=algorithm, cfg=cfg, tx=tx, schedule=schedule, accum=accum)
 
 
+def _lora_dropout_rate(cfg) -> float:
+    lora = cfg.get("lora")
+    return float(lora.get("dropout", 0.0)) if lora is not None and lora.get("rank", 0) else 0.0
+
+
 def _starts_from_adapters(cfg) -> bool:
     lora = cfg.get("lora")
     return bool(lora is not None and lora.get("rank", 0) and lora.get("init_from"))
@@ -71,24 +77,32 @@ def _train_step(state, batch, ref_params, frozen, *, graphdef, rest, ref_graphde
                 schedule, accum):
     ref_model = reference_model(state["params"], ref_params, frozen, ref_graphdef, ref_rest)
 
-    def loss_of(params, mb):
+    dropout = _lora_dropout_rate(cfg)
+
+    def loss_of(params, mb, micro):
         # no update yet: the policy's weights = the reference's (not when LoRA starts from saved adapters)
         mb = dict(mb, policy_is_reference=(state["step"] == 0) & (not _starts_from_adapters(cfg)))
         model = merge_model(graphdef, params, frozen, rest)
-        loss, metrics = algorithm.loss(model, mb, ref_model, cfg)
+        # LoRA dropout: a key per (run seed, step, micro-batch), so a resumed run draws the same masks
+        key = None
+        if dropout:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]), micro)
+        with lora_dropout(key, dropout):
+            loss, metrics = algorithm.loss(model, mb, ref_model, cfg)
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     params = state["params"]
     if accum == 1:
-        (loss, metrics), grads = grad_fn(params, batch)
+        (loss, metrics), grads = grad_fn(params, batch, 0)
     else:
-        def body(g_acc, mb):
-            (l, m), g = grad_fn(params, mb)
+        def body(g_acc, xs):
+            mb, micro = xs
+            (l, m), g = grad_fn(params, mb, micro)
             return jax.tree.map(jnp.add, g_acc, g), (l, m)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (ls, ms) = jax.lax.scan(body, zeros, _microbatches(batch, accum))
+        grads, (ls, ms) = jax.lax.scan(body, zeros, (_microbatches(batch, accum), jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, metrics = ls.mean(), jax.tree.map(lambda m: m.mean(), ms)
     grad_norm = optax.global_norm(grads)

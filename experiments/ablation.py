@@ -118,7 +118,7 @@ def use_compile_cache(wd: str) -> None:
 
 
 def parallel_cells(jobs: int, wd: str) -> None:
-    """Runs this script's grid in `jobs` child processes, one CPU each: child i runs the same command with
+    """Runs this script's grid in `jobs` child processes (0: one per CPU this process may use), one CPU each: child i runs the same command with
     `--shard=i/jobs --jobs=1 --threads=0`, pinned to the i-th CPU this machine has, and computes the grid's cells
     i, i + jobs, ... (`in_shard`). The caller has run the shared stages (SFT, a shared reward model) first; the
     children's cells land in the workdir's cache, so the caller's own pass afterwards only reads them and writes
@@ -129,8 +129,10 @@ def parallel_cells(jobs: int, wd: str) -> None:
 
     from align_jax.errors import UserError
 
+    if jobs < 0:
+        raise UserError(f"--jobs={jobs}: use a number of processes >= 1, or 0 for one per CPU")
     cpus = sorted(_all_cpus())
-    jobs = min(jobs, len(cpus))
+    jobs = min(jobs, len(cpus)) if jobs > 0 else len(cpus)
     if jobs <= 1:
         return
     argv = [a for a in sys.argv[1:] if not a.startswith(("--shard", "--jobs", "--threads"))]

@@ -153,8 +153,8 @@ from align_jax.errors import UserError  # noqa: E402
 flags.DEFINE_string("size", "", "'' (default size) or 'tiny' (seconds, for tests).")
 flags.DEFINE_list("methods", None, "Override the methods (RLHF, DPO, ORPO, GRPO_online, GRPO_offline).")
 flags.DEFINE_list("seeds", None, "Override the seeds of the alignment stages (the SFT stage's is --seed).")
-flags.DEFINE_integer("jobs", 1, "Run the grid's cells in this many processes, one CPU each (the same numbers as "
-                     "1 job; 2 on a 2-core machine about halves the time).")
+flags.DEFINE_integer("jobs", 0, "Run the grid's cells in this many processes, one CPU each (the same numbers as "
+                     "1 job); 0 = one per CPU this process may use (2 on a 2-core machine about halves the time).")
 flags.DEFINE_string("shard", "", "Internal (--jobs): compute only cells i, i+n, ... of the grid ('i/n').")
 flags.DEFINE_integer("steps", 0, "Override the optimizer steps per method (0 = the size's default).")
 flags.DEFINE_float("noise", None, "Override the flipped fraction of the preference data (0 = no noisy runs).")
@@ -961,7 +961,7 @@ def config_from_flags():
     return c
 
 
-def run(c, wd: str, report_only: bool = False, jobs: int = 1) -> dict:
+def run(c, wd: str, report_only: bool = False, jobs: int = 0) -> dict:
     t0 = time.time()
     os.makedirs(wd, exist_ok=True)
     sft_path = tp.sft_stage(wd, c.sft_steps)
@@ -972,7 +972,7 @@ def run(c, wd: str, report_only: bool = False, jobs: int = 1) -> dict:
     else:
         sft = tp.evaluate_policy(sft_path, eval_dir(wd, c), c.eval_prompts, os.path.join(wd, "tfds"))
         ab.write_json_atomic(sft_file, sft)
-    if jobs > 1 and not report_only:
+    if jobs != 1 and not report_only:
         ab.parallel_cells(jobs, wd)  # the grid's cells, cached: the loop below reads them
     rows, missing = [], []
     cells = [(noise, seed, m) for noise in ([0.0, c.noise] if c.noise else [0.0])  # clean first: an interrupted

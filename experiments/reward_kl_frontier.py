@@ -117,8 +117,8 @@ flags.DEFINE_list("methods", None, "Override the methods (DPO, ORPO, GRPO, PPO-R
 flags.DEFINE_list("values", None, "Override sweep values per method: METHOD:v1/v2/...,METHOD:...")
 flags.DEFINE_list("seeds", None, "Override the seeds of the aligned runs (the SFT stage and the reward model use "
                   "--seed).")
-flags.DEFINE_integer("jobs", 1, "Run the grid's cells in this many processes, one CPU each (the same numbers as "
-                     "1 job; 2 on a 2-core machine about halves the time).")
+flags.DEFINE_integer("jobs", 0, "Run the grid's cells in this many processes, one CPU each (the same numbers as "
+                     "1 job); 0 = one per CPU this process may use (2 on a 2-core machine about halves the time).")
 flags.DEFINE_string("shard", "", "Internal (--jobs): compute only cells i, i+n, ... of the grid ('i/n').")
 flags.DEFINE_bool("only_finished", False, "Train nothing: report the grid's finished runs (of an interrupted or "
                   "partial experiment); the table gives each cell's number of seeds.")
@@ -610,7 +610,7 @@ def config_from_flags():
     return c
 
 
-def run(c, wd: str, only_finished: bool = False, jobs: int = 1) -> dict:
+def run(c, wd: str, only_finished: bool = False, jobs: int = 0) -> dict:
     from align_jax.data.toy import read_jsonl
 
     t0 = time.time()
@@ -630,7 +630,7 @@ def run(c, wd: str, only_finished: bool = False, jobs: int = 1) -> dict:
     else:
         sft = frontier_point(sft_path, sft_path, prompts, c, 0)
         ab.write_json_atomic(sft_file, sft)
-    if jobs > 1 and not only_finished:
+    if jobs != 1 and not only_finished:
         ab.parallel_cells(jobs, wd)  # the grid's cells, cached: the loop below reads them
     results = []
     cells = [(seed, m, v) for seed in c.seeds for m in c.methods for v in c.sweep[m]]  # seed-major: an interrupted

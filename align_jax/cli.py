@@ -70,13 +70,20 @@ def run(fn, verbose: bool = False):
 
 
 def pin_threads(n: int) -> None:
-    """Restricts this process to its first `n` CPUs (0 = leave as is). Call before jax starts its CPU backend.
+    """Restricts this process to its first `n` CPUs (0 = leave as is; the environment's ALIGN_JAX_PIN_CPU=k: to CPU
+    k alone). Call before jax starts its CPU backend.
 
     XLA:CPU splits some reductions (e.g. the weight gradients' sums over batch x time) across its threads, one
     per CPU the process may use, so the same program gives results that differ in the last bits with 1 or 2
     cores; a training run amplifies such differences. With a fixed thread count the numbers depend only on the
     pinned packages and the CPU's instruction set (measured: 1 vs 2 cores differ, core 0 vs core 1 agree)."""
-    if n <= 0 or not hasattr(os, "sched_setaffinity"):
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpu = os.environ.get("ALIGN_JAX_PIN_CPU")  # a child of experiments/ablation.parallel_cells: its own CPU
+    if cpu is not None:
+        os.sched_setaffinity(0, {int(cpu)})
+        return
+    if n <= 0:
         return
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > n:

@@ -118,13 +118,13 @@ def use_compile_cache(wd: str) -> None:
 
 
 def parallel_cells(jobs: int, wd: str) -> None:
-    """Runs this script's grid in `jobs` child processes (0: one per CPU this process may use), one CPU each: child i runs the same command with
-    `--shard=i/jobs --jobs=1 --threads=0`, pinned to the i-th CPU this machine has, and computes the grid's cells
-    i, i + jobs, ... (`in_shard`). The caller has run the shared stages (SFT, a shared reward model) first; the
-    children's cells land in the workdir's cache, so the caller's own pass afterwards only reads them and writes
-    the report. Each run still computes on one core, so the numbers are those of a `--jobs=1` run (XLA:CPU gives
-    the same bits on core 0 and core 1; `align_jax.cli.pin_threads`). A failed child stops the experiment, naming
-    its log."""
+    """Runs this script's grid in `jobs` child processes (0: one per CPU this process may use), one CPU each:
+    child i runs the same command with `--shard=i/jobs --jobs=1 --threads=0`, pinned to the i-th CPU this machine
+    has (ALIGN_JAX_PIN_CPU), and computes the grid's cells i, i + jobs, ... (`in_shard`). The caller has run the
+    shared stages (SFT, a shared reward model) first; the children's cells land in the workdir's cache, so the
+    caller's own pass afterwards only reads them and writes the report. Each run still computes on one core, so
+    the numbers are those of a `--jobs=1` run (XLA:CPU gives the same bits on core 0 and core 1;
+    `align_jax.cli.pin_threads`). A failed child stops the experiment, naming its log."""
     import subprocess
 
     from align_jax.errors import UserError
@@ -140,8 +140,10 @@ def parallel_cells(jobs: int, wd: str) -> None:
     for i in range(jobs):
         cmd = [sys.executable, sys.argv[0], *argv, f"--shard={i}/{jobs}", "--jobs=1", "--threads=0"]
         log = open(os.path.join(wd, f"jobs_{i}.log"), "w")
+        # pinned by the child itself (`cli.pin_threads` reads ALIGN_JAX_PIN_CPU before jax starts): no code runs
+        # between fork and exec in this multithreaded process
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                       preexec_fn=lambda cpu=cpus[i]: os.sched_setaffinity(0, {cpu})), log))
+                                       env=dict(os.environ, ALIGN_JAX_PIN_CPU=str(cpus[i]))), log))
         print(f"cells {i}::{jobs}: child {i} on CPU {cpus[i]} (log {log.name})", flush=True)
     failed = []
     for proc, log in procs:

@@ -204,3 +204,15 @@ def test_damaged_init_from_is_named_before_the_data_is_built(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: header says \d+ bytes, file has \d+"):
         train(c, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "tfds")  # refused before any data was built
+
+
+def test_pin_threads_first_cpus_or_the_parallel_childs_own():
+    """`cli.pin_threads(n)`: the first n CPUs; ALIGN_JAX_PIN_CPU=k (a child of experiments/ablation.parallel_cells,
+    which no longer pins between fork and exec): CPU k alone, whatever n."""
+    cpus = sorted(os.sched_getaffinity(0))
+    code = "import os; from align_jax import cli; cli.pin_threads(%d); print(sorted(os.sched_getaffinity(0)))"
+    env = {k: v for k, v in os.environ.items() if k != "ALIGN_JAX_PIN_CPU"}
+    run = lambda n, **e: subprocess.run([sys.executable, "-c", code % n], capture_output=True, text=True,  # noqa: E731
+                                        env={**env, **e}, cwd=ROOT, check=True).stdout.strip()
+    assert run(1) == str(cpus[:1]) and run(0) == str(cpus)
+    assert run(0, ALIGN_JAX_PIN_CPU=str(cpus[-1])) == run(1, ALIGN_JAX_PIN_CPU=str(cpus[-1])) == str([cpus[-1]])

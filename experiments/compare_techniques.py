@@ -458,6 +458,8 @@ def stage_configs(method: str, seed: int, wd: str, sft_path: str, c, train_file:
         cfg.data.length_buckets = (32, 48, 64)
         cfg.optimizer.learning_rate = c.pair_lr
         cfg.optimizer.schedule = "linear"
+        if method == "DPO":  # a live reference (TRL's default): its forward is in the step's FLOPs and model calls
+            cfg.reference.precompute = False
         if train_file:
             cfg.data.train = train_file
     elif method == "GRPO_online":
@@ -629,7 +631,8 @@ def _signature(method, cfg, c, noise) -> dict:
     return {"method": method, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": c.steps,
             "batch_size": cfg.batch_size, "lr": cfg.optimizer.learning_rate, "train": cfg.data.train,
             "noise": noise, "sft_steps": c.sft_steps, "sft_seed": FLAGS.seed, "eval_prompts": c.eval_prompts,
-            "eval_pairs": c.eval_pairs, "kl": [c.kl_prompts, c.kl_samples, c.kl_tokens]}
+            "eval_pairs": c.eval_pairs, "kl": [c.kl_prompts, c.kl_samples, c.kl_tokens],
+            **({"reference": "live"} if method == "DPO" else {})}
 
 
 def one_run(method: str, noise: float, seed: int, wd: str, sft_path: str, c) -> dict:

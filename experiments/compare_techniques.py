@@ -87,9 +87,9 @@ the ± 1 std intervals over seeds overlap). How each word is made measurable:
 Default size: 5 methods (RLHF, DPO, ORPO, GRPO online, GRPO offline) on clean labels + DPO and ORPO on noisy ones,
 seeds 0, 1, 2 (21 runs; clean runs first, so an interrupted run has the clean table), 60 steps, the first 100
 held-out prompts (all 300 held-out pairs), KL on 50 prompts x 4 samples. `--noisy_methods=RLHF,DPO,ORPO,
-GRPO_offline` adds the noisy RLHF and GRPO-offline runs (27 runs: the table below); `--jobs=2` runs the cells in two
-processes, one core each. `--size=tiny`: RLHF and DPO clean, DPO noisy, one seed, 4 steps of 8
-completions, SFT 2 steps, 8 prompts, 32 held-out pairs (numbers meaningless; the test's size).
+GRPO_offline` adds the noisy RLHF and GRPO-offline runs (27 runs); the cells run in one process per CPU, one core
+each (`--jobs`; `--jobs=1`: one process, the same numbers). `--size=tiny`: RLHF and DPO clean, DPO noisy, one
+seed, 4 steps of 8 completions, SFT 2 steps, 8 prompts, 32 held-out pairs (numbers meaningless; the test's size).
 
 What differs from the papers. A 0.82 M-parameter Llama on a synthetic task, 60 steps per method (not to
 convergence), all from one SFT model; PPO's reward model is trained on the same 2000 toy pairs as DPO; GRPO online
@@ -98,30 +98,31 @@ not a like-for-like comparison; GRPO offline learns from the toy task's 500 rank
 shared 2-core machine vary with the load (runs.csv has both the all-in and the steady-state seconds); FLOPs and
 model calls do not.
 
-Measured at the default size (results.md; mean ± sample std over seeds 0-2; 100 held-out prompts; gold max 1.5):
+Measured at the default size (results.md; mean ± sample std over seeds 0-2; 100 held-out prompts; gold max 1.5;
+seconds on a quiet 2-core machine, one core per run; ECE: calibration_scores):
 
-                   gold reward      KL to SFT      seconds*      train FLOPs  model calls  gold, 30% flipped
-    RLHF (RM+PPO)  0.918 ± 0.020    0.72 ± 0.36    619 ± 276     1.48e12      13920        0.798 ± 0.195
-    DPO            1.027 ± 0.006    0.54 ± 0.12    155 ± 22      4.26e11       3840        1.000 ± 0.033
-    ORPO           1.060 ± 0.010    0.32 ± 0.05    160 ± 11      3.20e11       1920        1.012 ± 0.020
-    GRPO online    0.943 ± 0.015    2.9 ± 3.8      216 ± 29      5.05e11      27120        (no labels)
-    GRPO offline   0.547 ± 0.129    15.5 ± 3.8     207 ± 70      3.20e11       1920        0.815 ± 0.074
+                   gold reward      KL to SFT    seconds     train FLOPs  calls  gold, 30% flipped  ECE
+    RLHF (RM+PPO)  0.918 ± 0.020    0.72 ± 0.36  36.8 ± 1.8  1.19e12  13920  —                  0.072 ± 0.012
+    DPO            1.027 ± 0.006    0.54 ± 0.12  13.4 ± 1.2  4.36e11   3840  1.000 ± 0.033      0.204 ± 0.001
+    ORPO           1.060 ± 0.010    0.32 ± 0.05  11.0 ± 1.1  3.27e11   1920  1.012 ± 0.020      0.155 ± 0.006
+    GRPO online    0.943 ± 0.015    2.9 ± 3.8    13.3 ± 0.3  5.05e11  27120  (no labels)        —
+    GRPO offline   0.547 ± 0.129    15.5 ± 3.8   10.5 ± 0.7  3.17e11   1920  —                  —
     SFT start      0.435            0
-    (* on a 2-core machine at load 10-20, several of these runs at once: seconds are inflated ~5-10x and noisy;
-    FLOPs and model calls are exact.)
 
-Verdicts: RLHF expensive: partly holds (largest seconds and FLOPs, 3.5x DPO's FLOPs; GRPO online makes more model
+Verdicts: RLHF expensive: partly holds (largest seconds and FLOPs, 2.7x DPO's FLOPs; GRPO online makes more model
 calls, 27120 vs 13920, most of them one-token decode steps). RLHF maximum alignment control (highest gold reward):
-does not hold (ORPO 1.060 and DPO 1.027 above RLHF 0.918). DPO simple: holds (structural); fast: holds against the
-RL methods (155 s vs 216-619 s; ORPO 160 s is as fast); stable: holds (seed std 0.006, the smallest but ORPO's
-0.010). ORPO smooth training: does not hold (loss roughness 0.75 ± 0.24 vs DPO 0.14 ± 0.03); robust to noise: not
-distinguishable from DPO (gold drop 0.048 ± 0.019 vs 0.027 ± 0.038); calibrated probabilities: not tested. GRPO more
-expressive signal per step: does not hold (online 0.943, offline 0.547 vs DPO 1.027 at equal steps and completions
-per step); computationally more intensive: holds for online GRPO (5.05e11 vs 4.26e11 FLOPs, 216 vs 155 s). Offline
-GRPO on reversed-for-30 % rankings scored higher than on clean ones (0.815 vs 0.547): without a reference its
-policy drifts far (KL 15.5 nats) and the noisy ranks slow that drift. Time: the 27 runs (SFT 11 min, then 2.5-10 min a run) took ~90 min of wall time on the
-shared 2-core machine at load 10-20, with up to 3 of them at once; on a quiet machine the default size is estimated
-at 30-40 min, over the issue's 15 (`--noisy_methods=DPO,ORPO` or `--seeds=0,1,2 --steps=40` shorten it).
+does not hold (ORPO 1.060 and DPO 1.027 above RLHF 0.918). DPO simple: holds (structural); fast: does not hold
+(13.4 s vs online GRPO 13.3 s and ORPO 11.0 s: on the toy task sampling 12 tokens is cheap); stable: holds (seed
+std 0.006, the smallest). ORPO smooth training: does not hold (loss roughness 0.75 ± 0.24 vs DPO 0.14 ± 0.03);
+robust to noise: not distinguishable from DPO (gold drop 0.048 ± 0.019 vs 0.027 ± 0.038); calibrated probabilities:
+holds (ECE 0.155 ± 0.006 vs DPO's 0.204 ± 0.001 against the toy's true σ((gold_w − gold_l)/1.5); the reward model,
+trained on those soft labels, 0.072). GRPO more expressive signal per step: does not hold (online 0.943, offline
+0.547 vs DPO 1.027 at equal steps and completions per step); computationally more intensive: does not hold in
+seconds (13.3 vs 13.4 s) although online GRPO's FLOPs are higher (5.05e11 vs 4.36e11). With
+`--noisy_methods=RLHF,DPO,ORPO,GRPO_offline` (an earlier run): noisy RLHF 0.798 ± 0.195, and offline GRPO on
+reversed-for-30 % rankings 0.815 ± 0.074, higher than on clean ones (without a reference its policy drifts far,
+KL 15.5 nats, and the noisy ranks slow that drift). Time: the default command took 6 min 03 s end to end on a quiet
+2-core machine (SFT 81 s, then the 21 runs on both cores; 2026-11-30).
 
 Writes to --workdir: runs.csv (every method x noise x seed), results.md (the description's table with the measured
 columns next to its words, mean ± sample std over seeds, and the verdicts), results.json (config, numbers, command,
@@ -824,7 +825,8 @@ def verdicts(agg: dict, c) -> list[str]:
                  f"ECE ORPO {_s(e['ORPO'])}, DPO {_s(e['DPO'])}" +
                  (f"; RLHF's reward model (trained on the soft labels) {_s(e['RLHF'])}" if e.get("RLHF") and
                   e["RLHF"][2] else "") +
-                 f"; mean |p̂ − p| ORPO {_s(_v(agg, 'ORPO', 0, 'prob_error'))}, DPO {_s(_v(agg, 'DPO', 0, 'prob_error'))}")
+                 f"; mean |p̂ − p| ORPO {_s(_v(agg, 'ORPO', 0, 'prob_error'))}, "
+                 f"DPO {_s(_v(agg, 'DPO', 0, 'prob_error'))}")
     grpo = [m for m in ("GRPO_online", "GRPO_offline") if m in ms]
     if grpo and "DPO" in ms:
         cmps = {m: compare(g[m], g["DPO"]) for m in grpo}

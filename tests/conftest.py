@@ -22,7 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # minutes each: together they would double the suite's 10-minute budget. They run with `--ablations`
 # (README: "Paper ablations"); their pure-function tests always run.
 ABLATION_MODULES = {"test_compare_techniques", "test_group_size", "test_length_bias", "test_overoptimization",
-                    "test_reward_kl_frontier", "test_label_noise"}
+                    "test_reward_kl_frontier", "test_label_noise", "test_ipo_vs_dpo"}
 
 
 def pytest_addoption(parser):

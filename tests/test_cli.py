@@ -137,7 +137,7 @@ def test_num_epochs_sets_total_steps(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(rows))
     c = load_config("dpo", **{"data.train": str(tmp_path / "pairs.jsonl"), "data.eval": "", "num_epochs": 1.5,
                               "total_steps": 1000, "export": False, "checkpoint.every_steps": 100,
-                              "data.length_buckets": (64,)})
+                              "data.length_buckets": (64,), "optimizer.schedule": "constant"})
     train(c, str(tmp_path / "w"))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "w" / "metrics.jsonl") if '"loss"' in line]
     assert max(steps) == 8

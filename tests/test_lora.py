@@ -160,6 +160,7 @@ def _dpo(**kw):
     """LoRA DPO with adapter dropout 0.1 (so the kill -9 resume below covers the per-step dropout masks)."""
     return load_config("dpo", **{"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "data.eval": "",
                                  "data.length_buckets": (64,), "total_steps": 4, "checkpoint.every_steps": 2,
+                                 "optimizer.schedule": "constant",  # total_steps not in the step: shared compiles
                                  "reference.precompute": False, "optimizer.learning_rate": 1e-3, **kw})
 
 

@@ -1,8 +1,10 @@
 """Two processes x 2 CPU devices train exactly what one process x 4 devices trains: the same per-step losses for
-SFT, DPO (with its reference log-probs precomputed on the processes) and offline GRPO (the data pipeline gives every process its block of each global batch, so the global
-batches do not depend on the number of hosts; DPO's pairs and offline GRPO's groups are packed into rows per
-process, which the step reads back across processes), on one 4-device FSDP mesh. (ORPO and the reward model read
-the same pairwise batches as DPO: tests/test_parallelism.py runs them on a split mesh.)"""
+DPO (with its reference log-probs precomputed on the processes) and offline GRPO (the data pipeline gives every
+process its block of each global batch, so the global batches do not depend on the number of hosts; DPO's pairs and
+offline GRPO's groups are packed into rows per process, which the step reads back across processes), on one
+4-device FSDP mesh. (SFT, ORPO and the reward model read their batches through the same per-process loader and
+packer: tests/test_parallelism.py runs them on a split mesh; online GRPO and PPO on 2 processes:
+tests/test_multihost.py.)"""
 
 import json
 import os
@@ -14,7 +16,7 @@ import numpy as np
 
 from util import ROOT, SHARED
 
-ALGOS = "sft,dpo,grpo_offline"
+ALGOS = "dpo,grpo_offline"
 
 WORKER = r"""
 import json, os, sys, tempfile

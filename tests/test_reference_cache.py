@@ -24,7 +24,7 @@ def _cfg(**kw):
 
         datasets.generate(TOY_DIR, n_sft=8, n_pairs=N_PAIRS, n_groups=8, n_prompts=8, n_eval=8, n_eval_pairs=8)
     return load_config("dpo", **{"data.eval": "", "data.length_buckets": (64,), "total_steps": 4,
-                                 "data.toy_dir": TOY_DIR,
+                                 "data.toy_dir": TOY_DIR, "optimizer.schedule": "constant",  # one compiled step
                                  "checkpoint.every_steps": 2, "reference.precompute": True,
                                  "data.data_dir": DATA_DIR, "export": False, "eval_batch_size": 64, **kw})
 

@@ -29,7 +29,9 @@ def train_metrics(workdir):
 
 
 def _cfg_dpo(tmp_path, **kw):
-    return load_config("dpo", **{"data.eval": "", "data.length_buckets": (64,),  # one compiled step per run
+    """Tiny DPO, one compiled step per run (one length bucket, no eval); a constant learning rate keeps
+    total_steps out of the step, so these runs and test_faults.py's share one compiled program."""
+    return load_config("dpo", **{"data.eval": "", "data.length_buckets": (64,), "optimizer.schedule": "constant",
                                  "export": False, "total_steps": 4, "checkpoint.every_steps": 2, **kw})
 
 

@@ -1,6 +1,6 @@
 """GRPO group size at a fixed sample budget, and pairwise vs groupwise preferences at an equal annotation budget.
 
-    python experiments/group_size.py --workdir=/tmp/align_jax_group_size          # default size, ~12 min (see "Time")
+    python experiments/group_size.py --workdir=/tmp/align_jax_group_size          # default size, ~11 min (see "Time")
     python experiments/group_size.py --workdir=/tmp/group_size_tiny --size=tiny   # the test's size
     python experiments/group_size.py --workdir=... --parts=grpo --group_sizes=2,4,8,16,32 --samples_per_step=64
     python experiments/group_size.py --workdir=... --parts=annotation --rank_steps=120 --seeds=0,1,2,3,4
@@ -93,10 +93,9 @@ log 24 = 3.2 start), so data is not what limits them. Offline GRPO on the same r
 every DPO arm (0.512 ± 0.152, lower beyond ± 1 std in 3 of 3 seeds): with configs/grpo.py:offline's β = 0 and lr
 3e-4 it has no reference to hold it and its answers lose correctness (0.158 vs 0.36-0.39 for the DPO arms).
 
-Time. 33 runs after the SFT stage. Measured: 53 min wall on the project's 2-core machine under a load average of
-10-20 (other experiments running; three processes of this experiment in parallel, one per seed), 12 min of CPU
-time in all (SFT 88 s; seed 0 with cold compile caches 263 s, seeds 1 and 2 181-188 s each), so ~12 min on a
-quiet core (estimated from the CPU time; the issue's budget is ~15). `--parts=grpo` (12 runs) or
+Time. 33 runs after the SFT stage: the default command took 10 min 49 s end to end on one core of this 2-core
+machine (2026-11-30; the other core ran tests), reproducing the earlier run's numbers (listwise DPO now through
+the library's `listwise_dpo` algorithm: the same gold rewards). `--parts=grpo` (12 runs) or
 `--parts=annotation` (21 runs) run one half. `--size=tiny`: G ∈ {2, 4} at 8 samples/step, the PL
 and BT_half reward models and listwise DPO, 2 steps each on the first 40 groups, 2 seeds, SFT 2 steps, 8
 held-out prompts, 32 held-out pairs, 16 held-out groups (numbers meaningless; the test's size).

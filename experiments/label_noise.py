@@ -2,7 +2,7 @@
 
     python experiments/label_noise.py --workdir=/tmp/align_jax_label_noise      # default size, 12.6 min (measured)
     python experiments/label_noise.py --workdir=/tmp/label_noise_tiny --size=tiny   # ~40-60 s (the test's size)
-    python experiments/label_noise.py --workdir=... --grid=full      # 6 methods x 5 ε x 3 seeds (~50 min, estimated)
+    python experiments/label_noise.py --workdir=... --grid=full      # 6 methods x 5 ε x 3 seeds (24 min, 2 cores)
     python experiments/label_noise.py --workdir=... --methods=DPO,ORPO,IPO,soft --eps=0,0.2,0.4 --steps=40
 
 Papers. cDPO: Mitchell, "A note on DPO with noisy preferences & relationship to IPO" (2023): if a fraction ε
@@ -48,9 +48,10 @@ over the completion tokens). runs.csv has both accuracies for every method (`imp
 
 Default size: methods DPO, cDPO, rDPO, ORPO; ε ∈ {0, 0.4}; seeds 0, 1, 2; 120 steps of 16 pairs (configs/dpo.py's
 own); 300 held-out prompts. 18 runs (cDPO and rDPO at ε = 0 are DPO's) of 27-68 s each after the SFT stage (85 s):
-12 min 38 s in all (measured on the project's 2-core CPU machine, pinned to one core, another job on the other).
-IPO, soft labels and ε = 0.1-0.3 are left to `--methods` / `--eps` / `--grid=full` (all 6 methods x ε ∈ {0, 0.1,
-0.2, 0.3, 0.4} x seeds 0-2, ~84 runs). `--size=tiny`: DPO and ORPO x ε {0, 0.4} x 2 seeds, 2 steps of 8 pairs,
+12 min 38 s in all on one core (measured on the project's 2-core CPU machine before `--jobs`; the cells now run
+in one process per CPU). IPO, soft labels and ε = 0.1-0.3 are left to `--methods` / `--eps` / `--grid=full` (all 6
+methods x ε ∈ {0, 0.1, 0.2, 0.3, 0.4} x seeds 0-2, 84 runs: 23 min 44 s end to end on both cores, 2026-11-30; the
+table in the README). `--size=tiny`: DPO and ORPO x ε {0, 0.4} x 2 seeds, 2 steps of 8 pairs,
 SFT 2 steps, the first 200 training pairs, 8 held-out prompts, 32 held-out pairs (numbers meaningless; the test's
 size). Check of the setting: the DPO run at ε = 0, seed 0 reproduces experiments/toy_pipeline.py's seed-0 DPO
 (gold reward 1.003, log-likelihood accuracy 0.930) to the last digit.
@@ -158,7 +159,7 @@ def get_config(arg: str = ""):
 
     c = ml_collections.ConfigDict()
     # The default subset fits ~15 min on one CPU core (measured 12.6 min: 18 runs of 27-68 s after an SFT stage of
-    # 85 s); `--grid=full`: all of METHODS x FULL_EPS x 3 seeds (~84 runs, ~50 min estimated)
+    # 85 s); `--grid=full`: all of METHODS x FULL_EPS x 3 seeds (84 runs, 24 min on 2 cores)
     c.methods = ("DPO", "cDPO", "rDPO", "ORPO")
     c.eps = (0.0, 0.4)
     c.seeds = (0, 1, 2)

@@ -150,9 +150,12 @@ def parallel_cells(jobs: int, wd: str) -> None:
         proc.wait()
         log.close()
         if proc.returncode:
-            failed.append(f"exit {proc.returncode}, log {log.name}")
+            with open(log.name, errors="replace") as f:  # the child's own one-line message, if it gave one
+                said = [x.strip() for x in f if x.startswith("error: ")]
+            failed.append((said[-1][len("error: "):] + f" (log {log.name})") if said else
+                          f"exit {proc.returncode}, log {log.name}")
     if failed:
-        raise UserError("a parallel job failed: " + "; ".join(failed))
+        raise UserError("a parallel job failed: " + "; ".join(dict.fromkeys(failed)))
 
 
 def in_shard(index: int, shard: str) -> bool:

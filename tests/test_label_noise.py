@@ -124,10 +124,17 @@ def test_noisy_files_flip_exactly_round_eps_n_pairs_deterministically(out, ln):
         assert set(ln.flip_indices(N_TRAIN, 0.2, seed)) <= set(a)
 
 
+def _children(wd) -> str:
+    """What the --jobs children (one per CPU, the default) printed: the cells' runs."""
+    return "".join(open(f).read() for f in sorted(wd.glob("jobs_*.log")))
+
+
 def test_rerun_trains_nothing(out):
     wd, rows, first_log = out
+    first_log += _children(wd)
     assert "training dpo:sigmoid" in first_log and "training orpo" in first_log
     log = _run(wd)
+    log += _children(wd)  # the rerun's children (their logs are rewritten)
     assert "] training " not in log and "already done" in log  # every run and the SFT stage are read back
     with open(wd / "runs.csv", newline="") as f:
         again = list(csv.DictReader(f))

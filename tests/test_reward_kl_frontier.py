@@ -112,7 +112,8 @@ def test_rerun_trains_nothing_and_refuses_other_settings(out):
     assert "training dpo" in first_log and "training ppo" in first_log
     p = _run(wd)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "] training " not in p.stdout + p.stderr and "already done" in p.stdout + p.stderr
+    rerun = p.stdout + p.stderr + "".join(open(f).read() for f in sorted(wd.glob("jobs_*.log")))  # rewritten
+    assert "] training " not in rerun and "already done" in p.stdout + p.stderr
     with open(wd / "runs.csv", newline="") as f:
         assert list(csv.DictReader(f)) == rows
     p = _run(wd, "--values=DPO:0.1", "--methods=DPO", "--seeds=0", "--sft_steps=3")  # another SFT: refused, 1 line

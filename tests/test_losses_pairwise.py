@@ -441,3 +441,19 @@ def test_simpo_and_cpo_vs_numpy():
         np.testing.assert_allclose(f(loss), ref + 0.7, **TOL)
     with pytest.raises(ValueError, match="chosen_nll"):
         cpo_loss(c, r)
+
+
+def test_ranking_hits_per_group_by_hand():
+    """Group 0: ranks 0, 1, 1, 2 (a tie), scores order 2 of its 5 strictly ordered pairs right, top-scored item has
+    rank 1 (not best); group 1: two valid items and a padded slot (rank -1, highest score, ignored)."""
+    scores = np.array([[1.0, 3.0, 0.5, 2.0], [0.2, 0.1, 9.0, 0.0]], np.float32)
+    ranks = np.array([[0, 1, 1, 2], [0, 1, -1, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+    correct, pairs, top1, groups = (np.asarray(x) for x in jax.jit(L.ranking_hits)(scores, ranks, mask))
+    # group 0 pairs (better, worse): (0,1) 1<3 no, (0,2) 1>0.5 yes, (0,3) 1<2 no, (1,3) 3>2 yes, (2,3) 0.5<2 no
+    np.testing.assert_array_equal(correct, [2.0, 1.0])
+    np.testing.assert_array_equal(pairs, [5.0, 1.0])
+    np.testing.assert_array_equal(top1, [False, True])
+    np.testing.assert_array_equal(groups, [True, True])
+    metrics = L.ranking_loss(scores, ranks, mask)[1]  # pooled from the same counts: 3 of 6 pairs, 1 of 2 groups
+    assert float(metrics["accuracy"]) == pytest.approx(0.5) and float(metrics["top1_accuracy"]) == pytest.approx(0.5)

@@ -290,3 +290,26 @@ def test_reward_model_export_loads_in_transformers(tmp_path):
         got = hf(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
                  attention_mask=torch.as_tensor(np.asarray(mask), dtype=torch.long)).logits[:, 0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_groupwise_eval_top1_ignores_padded_slots():
+    """A group of 3 in slots of 4 (the padded slot's rank is the collator's -1): when the top-scored valid response
+    has the best valid rank, top-1 is 1 (it compared with min over all slots, -1, and was always 0 for such
+    groups)."""
+    from align_jax.algorithms.reward_model import group_scores, reward_eval
+
+    _, model = random_model(lambda: ScalarHeadModel(from_hf_config(toy_model_config()), rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(3, 100, (2, 4, 10)).astype(np.int32),
+             "attention_mask": np.ones((2, 4, 10), np.int32), "group_mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    s = np.asarray(group_scores(model, batch))
+    ranks = np.zeros((2, 4), np.int32)
+    for b, n in ((0, 3), (1, 4)):
+        order = np.argsort(-s[b, :n])
+        ranks[b, order] = np.arange(n)  # the scores' own order: top-1 right
+    ranks[0, 3] = -1
+    got = reward_eval(model, dict(batch, ranks=ranks), None, None)["top1_accuracy"]
+    np.testing.assert_array_equal(np.asarray(got), [1.0, 1.0])
+    ranks[1] = 3 - ranks[1]  # reversed: the top-scored response is the worst
+    np.testing.assert_array_equal(np.asarray(reward_eval(model, dict(batch, ranks=ranks), None, None)["top1_accuracy"]),
+                                  [1.0, 0.0])

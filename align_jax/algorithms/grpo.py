@@ -213,10 +213,7 @@ def grpo_offline_eval(model, batch, ref_model, cfg):
     logps, mask = group_token_logps(model, batch, cfg.chunk_size, False)
     B, K = batch["group_mask"].shape
     seq = (safe_div(masked_sum(logps, mask, axis=-1), masked_count(mask, axis=-1))).reshape(B, K)
-    valid = batch["group_mask"] > 0
-    best = jnp.argmax(jnp.where(valid, seq, -jnp.inf), axis=-1)
-    best_rank = jnp.min(jnp.where(valid, batch["ranks"], jnp.iinfo(jnp.int32).max), axis=-1)
-    top1 = jnp.take_along_axis(batch["ranks"], best[:, None], axis=1)[:, 0] == best_rank
+    _, _, top1, _ = losses.ranking_hits(seq, batch["ranks"], batch["group_mask"])
     return {"top1_accuracy": top1.astype(jnp.float32)}
 
 

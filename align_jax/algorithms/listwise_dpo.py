@@ -18,20 +18,20 @@ import jax.numpy as jnp
 
 from align_jax import losses
 from align_jax.algorithms.base import Algorithm, register
-from align_jax.losses.reward import plackett_luce_nll
-from align_jax.models.logps import group_token_logps
+from align_jax.losses.reward import plackett_luce_nll, ranking_hits
+from align_jax.models.logps import group_token_logps, seq_logps
 
 
 def listwise_inputs(model, batch, ref_model, cfg):
     """(log π [B, K], log π_ref [B, K] (0 when reference-free), mask of valid responses [B, K])."""
     B, K = batch["group_mask"].shape
     lp, m = group_token_logps(model, batch, cfg.chunk_size, False)
-    logps = jnp.sum(lp * m, -1).reshape(B, K)
+    logps = seq_logps(lp, m).reshape(B, K)
     if ref_model is None:
         ref = jnp.zeros_like(logps)
     else:
         rlp, _ = group_token_logps(ref_model, batch, cfg.chunk_size, False)
-        ref = jax.lax.stop_gradient(jnp.sum(rlp * m, -1).reshape(B, K))
+        ref = jax.lax.stop_gradient(seq_logps(rlp, m).reshape(B, K))
         if "policy_is_reference" in batch:  # before the first update π = π_ref exactly (as DPO, algorithms.dpo)
             ref = jnp.where(batch["policy_is_reference"], jax.lax.stop_gradient(logps), ref)
     return logps, ref, batch["group_mask"] * batch["example_weight"][:, None]
@@ -46,15 +46,10 @@ def listwise_dpo_eval(model, batch, ref_model, cfg):
     logps, ref, mask = listwise_inputs(model, batch, ref_model, cfg)
     rewards = jnp.where(mask > 0, cfg.loss.kwargs.get("beta", 0.1) * (logps - ref), 0.0)
     ranks = jnp.asarray(batch["ranks"], jnp.int32)
-    valid = mask > 0
-    better = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])  # i ranked above j
-    right = jnp.sum(better & (rewards[:, :, None] > rewards[:, None, :]), (1, 2))
-    best_rank = jnp.min(jnp.where(valid, ranks, jnp.iinfo(jnp.int32).max), -1)
-    top = jnp.argmax(jnp.where(valid, rewards, -jnp.inf), -1)
-    top1 = jnp.take_along_axis(ranks, top[:, None], 1)[:, 0] == best_rank
+    right, pairs, top1, _ = ranking_hits(rewards, ranks, mask)
     return {"loss": plackett_luce_nll(rewards, ranks, mask),
             "rewards/top1_accuracy": top1.astype(jnp.float32),
-            "rewards/accuracies": right / jnp.maximum(jnp.sum(better, (1, 2)), 1)}
+            "rewards/accuracies": right / jnp.maximum(pairs, 1.0)}
 
 
 LISTWISE_DPO = register(Algorithm("listwise_dpo", "groupwise", listwise_dpo_loss, listwise_dpo_eval,

@@ -58,9 +58,7 @@ def reward_loss(model, batch, ref_model, cfg):
 
 def reward_eval(model, batch, ref_model, cfg):
     if "ranks" in batch:
-        s = group_scores(model, batch)
-        best = jnp.argmax(jnp.where(batch["group_mask"] > 0, s, -jnp.inf), axis=-1)
-        top1 = jnp.take_along_axis(batch["ranks"], best[:, None], axis=1)[:, 0] == batch["ranks"].min(-1)
+        _, _, top1, _ = losses.ranking_hits(group_scores(model, batch), batch["ranks"], batch["group_mask"])
         return {"top1_accuracy": top1.astype(jnp.float32)}
     rc, rr = pair_rewards(model, batch)
     return {"accuracy": (rc > rr).astype(jnp.float32), "margin": rc - rr, "reward_mean": (rc + rr) / 2}

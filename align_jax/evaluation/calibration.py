@@ -17,11 +17,11 @@ ECE = Σ_b (n_b/N)·|mean_b p̂ − mean_b p| over equal-width bins of p̂.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 
 def _sigmoid(x):
-    x = np.asarray(x, np.float64)
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+    return expit(np.asarray(x, np.float64))
 
 
 def bt_probs(score_chosen, score_rejected) -> np.ndarray:

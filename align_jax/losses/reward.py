@@ -72,20 +72,27 @@ def plackett_luce_nll(scores, ranks, mask):
     return jnp.sum(per_item, axis=-1)
 
 
+def ranking_hits(scores, ranks, mask):
+    """Per group [B]: (strictly ordered valid pairs the scores order correctly, such pairs, top-1 hit: the
+    highest-scoring valid item has the best valid rank (ties at the top count as correct, a tie in scores goes to
+    the first index), whether the group has >= 2 valid items). Padded slots (mask 0, any rank) take no part."""
+    valid = mask > 0
+    better, _ = _pairwise_stats(scores, ranks, mask)
+    correct = jnp.sum((better & (scores[:, :, None] > scores[:, None, :])).astype(jnp.float32), axis=(1, 2))
+    top = jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
+    best_rank = jnp.min(jnp.where(valid, ranks, jnp.iinfo(jnp.int32).max), axis=-1)
+    top1 = jnp.take_along_axis(ranks, top[:, None], axis=-1)[:, 0] == best_rank
+    return correct, jnp.sum(better.astype(jnp.float32), axis=(1, 2)), top1, jnp.sum(valid, axis=-1) >= 2
+
+
 def ranking_metrics(scores, ranks, mask):
     """Pairwise ordering accuracy over strictly ordered valid pairs (pooled over the batch) and top-1 accuracy
-    (over groups with ≥ 2 valid items: the highest-scoring valid item has the best rank; ties at the top count
-    as correct, a tie in scores is resolved to the first index)."""
-    valid = mask > 0
+    (over groups with ≥ 2 valid items), from `ranking_hits`."""
     better, n_pairs = _pairwise_stats(scores, ranks, mask)
-    correct = better & (scores[:, :, None] > scores[:, None, :])
-    acc = safe_div(jnp.sum(correct.astype(jnp.float32)), n_pairs)
-    s = jnp.where(valid, scores, -jnp.inf)
-    top = jnp.argmax(s, axis=-1)
-    best_rank = jnp.min(jnp.where(valid, ranks, jnp.iinfo(jnp.int32).max), axis=-1)
-    top_rank = jnp.take_along_axis(ranks, top[:, None], axis=-1)[:, 0]
-    groups = (jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32)
-    top1 = safe_div(jnp.sum(groups * (top_rank == best_rank).astype(jnp.float32)), jnp.sum(groups))
+    correct, _, top1, groups = ranking_hits(scores, ranks, mask)
+    acc = safe_div(jnp.sum(correct), n_pairs)
+    groups = groups.astype(jnp.float32)
+    top1 = safe_div(jnp.sum(groups * top1.astype(jnp.float32)), jnp.sum(groups))
     return acc, top1, better, n_pairs
 
 

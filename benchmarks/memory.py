@@ -69,8 +69,13 @@ def measure(model: str, *, lora: bool, live: bool, remat: str = "full", layers: 
 
 
 def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dict:
-    """Materialises the step's arguments (random weights, a batch of random tokens) and runs `steps` train steps,
-    measuring the process's peak resident memory (getrusage) against the compiled plan's peak."""
+    """Materialises the step's arguments as a fresh run has them (random base weights and LoRA A, LoRA B zero as in
+    PEFT's init, AdamW's moments and count zero, step 0; a batch of random tokens) and runs `steps` train steps,
+    measuring the process's peak resident memory (getrusage) against the compiled plan's peak.
+
+    Step 0's loss is ln 2 by construction (the policy is its reference: `policy_is_reference`); later losses move
+    only if the update was applied, so the result reports `nonfinite` and the state's step counter too (random
+    AdamW second moments, as this function once used, are negative: sqrt -> NaN, every update skipped)."""
     import resource
 
     import jax
@@ -91,35 +96,38 @@ def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dic
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     key = [jax.random.key(0)]
 
-    def make(x):
+    def make(path, x):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return x
+        name = jax.tree_util.keystr(path)
         key[0], k = jax.random.split(key[0])
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            v = jax.random.randint(k, x.shape, 1, 250, x.dtype) if x.ndim else jnp.zeros((), x.dtype)
-        elif x.shape == ():
-            v = jnp.zeros((), x.dtype)
+        if "opt_state" in name or "lora_b" in name or (x.shape == () and jnp.issubdtype(x.dtype, jnp.signedinteger)):
+            v = jnp.zeros(x.shape, x.dtype)  # AdamW moments and count, LoRA B (PEFT's init), the step counter
+        elif jnp.issubdtype(x.dtype, jnp.integer):
+            v = jax.random.randint(k, x.shape, 1, 250, x.dtype)
         else:
             v = (0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
         return jax.device_put(v, x.sharding)
 
-    state, batch, ref, *frozen = jax.tree.map(make, built.args)
+    state, batch, ref, *frozen = jax.tree_util.tree_map_with_path(make, built.args)
     batch = dict(batch)
     for side in ("chosen", "rejected"):  # every token real, the second half the completion
         batch[f"{side}_attention_mask"] = jnp.ones_like(batch[f"{side}_attention_mask"])
         batch[f"{side}_completion_mask"] = jnp.ones_like(batch[f"{side}_completion_mask"]).at[:, :SEQ_LEN // 2].set(0)
     batch["label_probs"] = jnp.ones_like(batch["label_probs"])
     batch["example_weight"] = jnp.ones_like(batch["example_weight"])
-    times, losses = [], []
+    times, losses, nonfinite = [], [], []
     for _ in range(steps):
         t = time.perf_counter()
         state, metrics = compiled(state, batch, ref, *frozen)
         losses.append(float(metrics["loss"]))
+        nonfinite.append(float(metrics["nonfinite"]))
         times.append(time.perf_counter() - t)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"model": model, "mode": "LoRA r16" if lora else "full", "layers": built.mcfg.num_hidden_layers,
             "params_b": built.num_params / 1e9, "planned_peak_gib": plan, "rss_before_gib": rss0,
-            "rss_peak_gib": rss1, "step_seconds": times, "losses": losses, "compile_s": compile_s,
+            "rss_peak_gib": rss1, "step_seconds": times, "losses": losses, "nonfinite": nonfinite,
+            "steps_applied": int(state["step"]), "compile_s": compile_s,
             "finite": bool(np.all(np.isfinite(losses)))}
 
 
@@ -164,19 +172,20 @@ def main(argv=None) -> None:
     p.add_argument("--no-search", action="store_true", help="skip the largest-model search")
     p.add_argument("--search-only", action="store_true", help="only the largest-model search")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
-    p.add_argument("--run", default="", help="MODEL[:LAYERS]:full|lora: run 2 steps of that DPO step with random "
+    p.add_argument("--steps", type=int, default=2, help="--run: how many steps")
+    p.add_argument("--run", default="", help="MODEL[:LAYERS]:full|lora: run --steps steps of that DPO step with random "
                    "weights and report the process's peak memory against the compiled plan (nothing else)")
     args = p.parse_args(argv)
     if args.run:
         model, *rest = args.run.split(":")
         mode = rest[-1]
         layers = int(rest[0]) if len(rest) == 2 else 0
-        r = run_steps(model, lora=mode == "lora", layers=layers)
+        r = run_steps(model, lora=mode == "lora", layers=layers, steps=args.steps)
         print(json.dumps(r, indent=2))
         print(f"{r['model']} ({r['layers']} layers, {r['params_b']:.2f} B), {r['mode']}: planned peak "
               f"{r['planned_peak_gib']:.2f} GiB; process peak RSS {r['rss_peak_gib']:.2f} GiB (before the arguments "
               f"existed: {r['rss_before_gib']:.2f} GiB); steps {', '.join(f'{t:.1f}' for t in r['step_seconds'])} s; "
-              f"losses {r['losses']}")
+              f"losses {r['losses']}; updates applied {r['steps_applied']} of {len(r['losses'])}")
         return
     t0 = time.time()
     total = machine_gib()

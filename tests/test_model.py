@@ -155,6 +155,43 @@ def test_remat_policies_and_scanned_layers_same_values_and_grads():
             np.testing.assert_allclose(flat, ref[1], atol=1e-6)
 
 
+def test_dot_product_attention_equals_einsum_path():
+    """config.model.attention='dot_product' (jax.nn.dot_product_attention, the function whose cuDNN kernel is
+    'cudnn' on GPU) gives the einsum path's logits on every real token and the same gradients, with padding
+    (one row all real, one right-padded) and packed segments (one row with a trailing pad segment), in fp32 and
+    with bf16 activations; a cache-less 'cudnn' on a machine without a GPU is refused by name."""
+    base = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 50, (2, 12)), jnp.int32)
+    mask = jnp.asarray([[1] * 12, [1] * 7 + [0] * 5], jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 3 + [2] * 6 + [0] * 3], jnp.int32)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+        out = {}
+        for impl in ("xla", "dot_product"):
+            m = init_model(from_hf_config(base, compute_dtype=dtype, attention=impl), seed=2)
+            assert m.config.attention == impl
+
+            def loss(m, kw, real):
+                return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(m(ids, **kw)), 0.0) ** 2)
+
+            out[impl] = []
+            for kw, real in ((dict(attention_mask=mask), mask != 0), (dict(segment_ids=seg), seg != 0)):
+                logits = nnx.jit(lambda m, kw=kw: m(ids, **kw))(m)
+                _, g = nnx.jit(nnx.value_and_grad(lambda m, kw=kw, real=real: loss(m, kw, real)))(m)
+                flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(nnx.state(g, nnx.Param))])
+                out[impl].append((np.where(np.asarray(real)[..., None], np.asarray(logits), 0.0), flat))
+        for (la, ga), (lb, gb) in zip(out["xla"], out["dot_product"]):
+            assert np.abs(la).max() > 0.1
+            np.testing.assert_allclose(lb, la, atol=tol)
+            np.testing.assert_allclose(gb, ga, atol=tol * max(1.0, float(np.abs(ga).max())))
+    with pytest.raises(ConfigError, match="attention"):
+        from_hf_config(base, attention="flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ConfigError, match="needs a GPU"):
+            from_hf_config(base, attention="cudnn")
+
+
 @pytest.mark.parametrize("shape,scan", [((8, 1, 1), False), ((1, 8, 1), False), ((1, 4, 2), False),
                                         ((2, 2, 2), False), ((1, 4, 2), True)],
                          ids=["dp", "fsdp", "fsdp+tp", "dp+fsdp+tp", "fsdp+tp-scan"])

@@ -20,7 +20,8 @@ from align_jax.parallel import create_sharded
 
 def model_kwargs(config) -> dict:
     return dict(param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype or None,
-                remat_policy=config.model.remat, scan_layers=config.model.scan_layers)
+                remat_policy=config.model.remat, scan_layers=config.model.scan_layers,
+                attention=config.model.get("attention", "xla"))
 
 
 def build_policy(config, mesh, *, scalar_head: bool = False, seed_offset: int = 0):
@@ -43,7 +44,8 @@ def build_policy(config, mesh, *, scalar_head: bool = False, seed_offset: int = 
     if not os.path.isdir(init):
         raise SetupError(f"config.model.init_from={init!r}: not a directory (nor 'toy' / 'random:<config.json>')")
     backbone = load_pretrained(init, dtype=kw["param_dtype"], compute_dtype=kw["compute_dtype"],
-                               remat_policy=kw["remat_policy"], scan_layers=kw["scan_layers"], mesh=mesh)
+                               remat_policy=kw["remat_policy"], scan_layers=kw["scan_layers"],
+                               attention=kw["attention"], mesh=mesh)
     if not scalar_head:
         return backbone
     # A fresh scalar head on the pretrained backbone (the head is tiny: replicated is fine).

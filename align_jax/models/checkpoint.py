@@ -217,7 +217,7 @@ def is_sequence_classification(path: str) -> bool:
 
 
 def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_policy: str = "none",
-                    mesh=None, scan_layers: bool = False) -> Transformer:
+                    mesh=None, scan_layers: bool = False, attention: str = "xla") -> Transformer:
     """Loads a Hugging Face model directory into a `Transformer`.
 
     Args:
@@ -227,9 +227,10 @@ def load_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, remat_p
       remat_policy: 'none', 'full', 'dots', 'dots_with_no_batch_dims'.
       mesh: a `jax.sharding.Mesh`; each weight goes straight to its sharding under `align_jax.parallel.RULES`.
       scan_layers: run the layers as one `lax.scan` (`ModelConfig.scan_layers`).
+      attention: "xla" | "dot_product" | "cudnn" (`ModelConfig.attention`).
     """
     config = load_hf_config(path, param_dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy,
-                            scan_layers=scan_layers)
+                            scan_layers=scan_layers, attention=attention)
     return _load(path, config, mesh)[0]
 
 

@@ -16,12 +16,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from align_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product", "cudnn")
 # Keys whose presence (with a value that changes the computation) we cannot honour exactly.
 _REFUSED_KEYS = {
     "num_local_experts": "mixture-of-experts layers",
@@ -91,6 +93,11 @@ class ModelConfig:
     # rematerialised layers that the compiler cannot schedule ahead of their backward pass. The stacked weights
     # (and their gradients) are one extra sharded copy of the layers per step; only Param state is scanned.
     scan_layers: bool = False
+    # How attention runs without a KV cache (training, scoring): "xla" = this module's einsums (softmax in fp32,
+    # the reference path); "dot_product" = `jax.nn.dot_product_attention` with XLA's implementation (the same
+    # numbers to rounding); "cudnn" = the same function's cuDNN flash-attention kernel (GPU only, bf16/fp16
+    # activations, head_dim a multiple of 8 up to 128). Decoding with a cache always uses the einsums.
+    attention: str = "xla"
     # The original config.json, written back by `save_pretrained`.
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -161,7 +168,7 @@ def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
 
 
 def from_hf_config(cfg: dict, *, param_dtype=jnp.float32, compute_dtype=None,
-                   remat_policy: str = "none", scan_layers: bool = False) -> ModelConfig:
+                   remat_policy: str = "none", scan_layers: bool = False, attention: str = "xla") -> ModelConfig:
     """Builds a `ModelConfig` from a Hugging Face config dict, refusing what we cannot run exactly."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -200,6 +207,11 @@ def from_hf_config(cfg: dict, *, param_dtype=jnp.float32, compute_dtype=None,
         attention_bias, o_bias = True, False
     if remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"remat_policy={remat_policy!r}; choose one of {REMAT_POLICIES}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config.model.attention={attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"config.model.attention='cudnn' needs a GPU (this run's backend is "
+                          f"{jax.default_backend()}); use 'xla' or 'dot_product'")
     param_dtype = _dtype(param_dtype)
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
@@ -223,6 +235,7 @@ def from_hf_config(cfg: dict, *, param_dtype=jnp.float32, compute_dtype=None,
         compute_dtype=_dtype(compute_dtype) if compute_dtype is not None else param_dtype,
         remat_policy=remat_policy,
         scan_layers=bool(scan_layers),
+        attention=attention,
         hf_config=dict(cfg),
     )
 

@@ -150,6 +150,20 @@ def _adapted(module, name: str, x, y):
     return y + jnp.tensordot(xa, b, axes=1) * jnp.asarray(module.lora_scale, x.dtype)
 
 
+def fused_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, scale: float, implementation: str):
+    """softmax(q kᵀ · scale + mask) v by `jax.nn.dot_product_attention` (grouped-query heads broadcast by the
+    function): "dot_product" = XLA's implementation (logits and softmax in fp32, as the einsum path), "cudnn" =
+    cuDNN's fused flash attention (GPU). The boolean mask (causal, padding, packed segments) is passed whole, and
+    `is_causal` lets the kernel skip the blocks above the diagonal. A query whose keys are all masked (a padding
+    token of a packed row) attends to itself instead of to nothing: only padding positions change, and the
+    kernel never sees an all-masked row."""
+    T, S = mask_BxTxS.shape[1:]
+    mask_BxTxS = mask_BxTxS | jnp.eye(T, S, dtype=bool)[None]
+    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale,
+                                        is_causal=True, implementation=None if implementation == "dot_product"
+                                        else implementation)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
 
@@ -191,6 +205,9 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
             kv = (k, v)
             k, v = k.astype(dt), v.astype(dt)
+        if kv is None and c.attention != "xla":
+            out = fused_attention(q, k, v, mask_BxTxS, c.head_dim ** -0.5, c.attention)
+            return self._out(out)
         K, G = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
         q = q.reshape(B, T, K, G, c.head_dim)
         scores = jnp.einsum(f"btkge,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -198,10 +215,13 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_BxTxS[:, None, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum(f"bkgts,{kv_spec}->btkge", probs, v).reshape(B, T, c.num_attention_heads, c.head_dim)
-        y = _adapted(self, "o", out, jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt)))
-        if c.o_bias:
-            y = y + self.o_bias[...].astype(dt)
+        y = self._out(out)
         return y if kv is None else (y, kv)
+
+    def _out(self, out_BxTxHxE):
+        y = _adapted(self, "o", out_BxTxHxE, jnp.einsum("bthe,hed->btd", out_BxTxHxE,
+                                                         self.o[...].astype(out_BxTxHxE.dtype)))
+        return y + self.o_bias[...].astype(y.dtype) if self.c.o_bias else y
 
 
 class MLP(nnx.Module):

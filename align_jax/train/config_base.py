@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # independent of depth, and with remat the peak memory of one layer's recompute instead of several
     # (the compiler may hoist unrolled layers' recomputes; see benchmarks/aot_topology.py)
     c.model.scan_layers = False
+    # Attention without a KV cache: "xla" (einsums, the default), "dot_product" (jax.nn.dot_product_attention,
+    # XLA's implementation) or "cudnn" (its cuDNN flash-attention kernel: GPU only, bf16 activations)
+    c.model.attention = "xla"
 
     c.data = ml_collections.ConfigDict()
     # JSON/JSONL, Parquet or Arrow file(s) (a path, a glob, or comma-separated paths), a Hugging Face save_to_disk

@@ -163,7 +163,11 @@ SLICES = {
 
 def slice_devices(name: str):
     """(devices, SliceSpec) of `name`: a TPU slice from `SLICES` (needs libtpu; no TPU) or "cpu:<n>" (the first n
-    host devices; no HBM limit, no peak FLOP/s)."""
+    host devices; no HBM limit, no peak FLOP/s) or "gpu:<n>" (the first n GPUs)."""
+    if name.startswith("gpu:"):
+        n = int(name[4:])
+        devices = jax.devices("gpu")[:n]
+        return devices, SliceSpec(name, "", None, n, float("nan"), float("nan"))
     if name.startswith("cpu:"):
         n = int(name[4:])
         devices = jax.devices("cpu")
@@ -290,11 +294,12 @@ class Built:
 def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, seq_len: int, remat: str = "none",
                dtype: str = "bfloat16", compute_dtype: str = "", chunk_size: int | None = None,
                completion_len: int = 0, layers: int = 0, scan: bool = False, lora_rank: int = 0,
-               live_reference: bool = True) -> Built:
+               live_reference: bool = True, attention: str = "xla") -> Built:
     """The jitted train step of `train()` for `model` x `algorithm` on `devices` with mesh `mesh_shape` =
     (data, fsdp, tensor), and its abstract arguments. `lora_rank` > 0: LoRA on every projection (config.lora's
     defaults), the base weights a frozen fourth argument, the reference (DPO) made from them in the step as
-    `train()` does; `live_reference=False`: the reference's log-probs precomputed (DPO: in the batch)."""
+    `train()` does; `live_reference=False`: the reference's log-probs precomputed (DPO: in the batch).
+    `attention`: config.model.attention ("xla" | "dot_product" | "cudnn")."""
     mesh = make_mesh(*mesh_shape, devices=devices)
     mesh_shape = tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -306,6 +311,7 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
     cfg = experiment_config(algorithm, batch=batch, mesh_shape=mesh_shape, dtype=dtype, compute_dtype=compute_dtype,
                             remat=remat, chunk_size=chunk_size, completion_len=completion_len, scan=scan)
     mcfg = model_config(model, dtype=dtype, compute_dtype=compute_dtype, remat=remat, layers=layers, scan=scan)
+    mcfg = mcfg.replace(attention=attention)
     base_fn = (lambda: ScalarHeadModel(mcfg, rngs=nnx.Rngs(0))) if algo.scalar_head else \
         (lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
     frozen = frozen_sh = None
@@ -353,6 +359,43 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
         sum(math.prod(x.shape) for x in jax.tree.leaves(frozen or {}))
     args = (state, abatch, ref_params) + (() if frozen is None else (frozen,))
     return Built(fn, args, mcfg, n, mesh_shape)
+
+
+def fresh_arguments(built: Built, seed: int = 0):
+    """Concrete arguments for `built.fn` as a fresh run has them: random base weights and LoRA A (std 0.02), LoRA
+    B zero (PEFT's init), AdamW's moments and count zero, step 0; a preference batch of random tokens with every
+    token real and the second half of each sequence the completion (random second moments would be negative:
+    sqrt -> NaN, every update skipped as non-finite)."""
+    key = [jax.random.key(seed)]
+
+    def make(path, x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        name = jax.tree_util.keystr(path)
+        key[0], k = jax.random.split(key[0])
+        if "opt_state" in name or "lora_b" in name or (x.shape == () and jnp.issubdtype(x.dtype, jnp.signedinteger)):
+            v = jnp.zeros(x.shape, x.dtype)
+        elif jnp.issubdtype(x.dtype, jnp.integer):
+            v = jax.random.randint(k, x.shape, 1, 250, x.dtype)
+        else:
+            v = (0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        return jax.device_put(v, x.sharding)
+
+    state, batch, *rest = jax.tree_util.tree_map_with_path(make, built.args)
+    batch = dict(batch)
+    for side in ("chosen", "rejected"):
+        if f"{side}_attention_mask" in batch:
+            T = batch[f"{side}_attention_mask"].shape[1]
+            batch[f"{side}_attention_mask"] = jnp.ones_like(batch[f"{side}_attention_mask"])
+            batch[f"{side}_completion_mask"] = jnp.ones_like(batch[f"{side}_completion_mask"]).at[:, :T // 2].set(0)
+    for k in ("label_probs", "example_weight"):
+        if k in batch:
+            batch[k] = jnp.ones_like(batch[k])
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):  # a precomputed reference near the random policy's
+        if k in batch:
+            T = batch["chosen_attention_mask"].shape[1]
+            batch[k] = jnp.full_like(batch[k], -(T // 2) * math.log(built.mcfg.vocab_size))
+    return (state, batch, *rest)
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs

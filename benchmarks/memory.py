@@ -78,8 +78,6 @@ def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dic
     AdamW second moments, as this function once used, are negative: sqrt -> NaN, every update skipped)."""
     import resource
 
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import aot_topology as a
@@ -94,28 +92,7 @@ def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dic
     plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
             + ma.temp_size_in_bytes) / 2**30
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    key = [jax.random.key(0)]
-
-    def make(path, x):
-        if not isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        name = jax.tree_util.keystr(path)
-        key[0], k = jax.random.split(key[0])
-        if "opt_state" in name or "lora_b" in name or (x.shape == () and jnp.issubdtype(x.dtype, jnp.signedinteger)):
-            v = jnp.zeros(x.shape, x.dtype)  # AdamW moments and count, LoRA B (PEFT's init), the step counter
-        elif jnp.issubdtype(x.dtype, jnp.integer):
-            v = jax.random.randint(k, x.shape, 1, 250, x.dtype)
-        else:
-            v = (0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-        return jax.device_put(v, x.sharding)
-
-    state, batch, ref, *frozen = jax.tree_util.tree_map_with_path(make, built.args)
-    batch = dict(batch)
-    for side in ("chosen", "rejected"):  # every token real, the second half the completion
-        batch[f"{side}_attention_mask"] = jnp.ones_like(batch[f"{side}_attention_mask"])
-        batch[f"{side}_completion_mask"] = jnp.ones_like(batch[f"{side}_completion_mask"]).at[:, :SEQ_LEN // 2].set(0)
-    batch["label_probs"] = jnp.ones_like(batch["label_probs"])
-    batch["example_weight"] = jnp.ones_like(batch["example_weight"])
+    state, batch, ref, *frozen = a.fresh_arguments(built)
     times, losses, nonfinite = [], [], []
     for _ in range(steps):
         t = time.perf_counter()

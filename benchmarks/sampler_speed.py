@@ -149,6 +149,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf_threads", choices=["both", "default", "1"], default="both",
                    help="torch thread counts for transformers (default count, 1, or both)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="--batches: where transformers runs (jax uses its default backend)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="--batches: parameter/activation dtype of both sides")
     p.add_argument("--xla_single_thread", action="store_true",
                    help="XLA CPU without its intra-op thread pool (--xla_cpu_multi_thread_eigen=false)")
     a = p.parse_args()
@@ -244,11 +248,13 @@ def batch_table(a):
 
     never = a.vocab + 1
     print(f"device: {jax.devices()[0].device_kind}; model: {json.dumps(hf_config(a))}")
-    print(f"prompt {a.prompt} (left-padded), {a.new} new tokens, fp32, torch {torch.__version__} at "
-          f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"prompt {a.prompt} (left-padded), {a.new} new tokens, {a.dtype}, torch {torch.__version__} on "
+          f"{a.device} ({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         hf_model = build_checkpoint(a, d)
-        model = load_pretrained(d)
+        model = load_pretrained(d, dtype=a.dtype)
+    hf_model = hf_model.to(device=a.device, dtype=getattr(torch, a.dtype))
     sampling = dict(temperature=1.0, top_k=50, top_p=0.95)
     rows = []
     for batch in [int(b) for b in a.batches.split(",")]:
@@ -264,13 +270,13 @@ def batch_table(a):
             def run():
                 torch.manual_seed(a.seed)
                 with torch.no_grad():
-                    out = hf_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                                            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                    out = hf_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long, device=a.device),
+                                            attention_mask=torch.as_tensor(mask, dtype=torch.long, device=a.device),
                                             do_sample=not greedy,
                                             **(dict(top_k=None, top_p=None) if greedy else sampling),
                                             max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=never,
                                             pad_token_id=0)
-                return out[:, a.prompt:].numpy()
+                return out[:, a.prompt:].cpu().numpy()
             return run
 
         res = run_interleaved({"jax greedy": ours(True), "hf greedy": hf(True), "jax sampled": ours(False),
@@ -283,7 +289,7 @@ def batch_table(a):
     # embedding lookup aside; attention over the cache adds to it), so tokens/s x that is a FLOP rate that cannot
     # pass this machine's matmul rate.
     flops = 2 * (sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) - a.vocab * a.hidden)
-    peak = matmul_peak()
+    peak = matmul_peak() if a.device == "cpu" else float("nan")  # (on a GPU: the decode is bandwidth-bound)
     print(f"\nmatmul peak (XLA, fp32 1024^3, best of 8): {peak / 1e9:.0f} GFLOP/s; a new token >= {flops / 1e6:.1f} MFLOP")
     print("\n| batch | align-jax greedy tok/s | transformers greedy tok/s | ratio | align-jax sampled tok/s | "
           "transformers sampled tok/s | ratio | align-jax greedy % of matmul peak | 3x transformers needs |"

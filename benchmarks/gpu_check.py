@@ -1,7 +1,7 @@
 """The GPU checks of issue 16 (item 7) in one call: each part in a fresh process with its own time limit, results
 as JSON lines and one summary table at the end.
 
-    python benchmarks/gpu_check.py --out /tmp/gpu             # every part (one GPU, under 10 min with compiles)
+    python benchmarks/gpu_check.py --out /tmp/gpu             # every part (one H200: ~8 min with compiles)
     python benchmarks/gpu_check.py --smoke                    # tiny shapes on the CPU: checks this script only
 
 Parts:
@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DATASHEET_BF16 = 989e12  # H100 / H200 SXM dense bf16 FLOP/s (NVIDIA's datasheet, without sparsity)
 PARTS = ("peak", "attention", "dpo", "sampler", "grpo")
-LIMITS = {"peak": 40, "attention": 80, "dpo": 200, "sampler": 180, "grpo": 90}  # seconds per part
+LIMITS = {"peak": 40, "attention": 80, "dpo": 200, "sampler": 300, "grpo": 90}  # seconds per part
 
 
 def _jax(smoke: bool):

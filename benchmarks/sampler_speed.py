@@ -251,9 +251,11 @@ def batch_table(a):
     print(f"prompt {a.prompt} (left-padded), {a.new} new tokens, {a.dtype}, torch {torch.__version__} on "
           f"{a.device} ({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         hf_model = build_checkpoint(a, d)
         model = load_pretrained(d, dtype=a.dtype)
+    print(f"checkpoint built, saved and loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     hf_model = hf_model.to(device=a.device, dtype=getattr(torch, a.dtype))
     sampling = dict(temperature=1.0, top_k=50, top_p=0.95)
     rows = []
@@ -284,7 +286,12 @@ def batch_table(a):
         best = {n: min(r[2]) for n, r in res.items()}
         agree = float((res["jax greedy"][0] == res["hf greedy"][0]).mean())
         rows.append((batch, {n: batch * a.new / t for n, t in best.items()}, agree))
-        print(f"batch {batch}: done (greedy agreement with transformers {agree:.4f})", flush=True)
+        r = rows[-1][1]
+        print(f"batch {batch}: greedy {r['jax greedy']:.0f} vs {r['hf greedy']:.0f} tok/s "
+              f"({r['jax greedy'] / r['hf greedy']:.2f}x), sampled {r['jax sampled']:.0f} vs {r['hf sampled']:.0f} "
+              f"({r['jax sampled'] / r['hf sampled']:.2f}x); first calls (compile) jax "
+              f"{res['jax greedy'][1]:.1f} s / {res['jax sampled'][1]:.1f} s; greedy agreement with transformers "
+              f"{agree:.4f}", flush=True)
     # The roofline: a new token costs at least the products with every weight matrix (2 FLOPs per weight, the
     # embedding lookup aside; attention over the cache adds to it), so tokens/s x that is a FLOP rate that cannot
     # pass this machine's matmul rate.

@@ -373,7 +373,8 @@ def fresh_arguments(built: Built, seed: int = 0):
             return x
         name = jax.tree_util.keystr(path)
         key[0], k = jax.random.split(key[0])
-        if "opt_state" in name or "lora_b" in name or (x.shape == () and jnp.issubdtype(x.dtype, jnp.signedinteger)):
+        if "opt_state" in name or re.search(r"\['lora_[a-z]+_b'\]", name) or (
+                x.shape == () and jnp.issubdtype(x.dtype, jnp.signedinteger)):
             v = jnp.zeros(x.shape, x.dtype)
         elif jnp.issubdtype(x.dtype, jnp.integer):
             v = jax.random.randint(k, x.shape, 1, 250, x.dtype)

@@ -149,3 +149,29 @@ def test_lora_step_holds_adapters_state_and_the_base_once():
     base_gib = n_base * 4 / aot.GIB
     assert full.args_gib > 3.9 * base_gib and lora.args_gib < 1.5 * base_gib, (full.args_gib, lora.args_gib, base_gib)
     assert pre.args_gib < lora.args_gib + 1e-3 and not pre.error
+
+
+def test_fresh_arguments_make_a_step_that_learns():
+    """`fresh_arguments` (benchmarks/memory.py --run, gpu_check.py) gives the state a fresh LoRA run starts from:
+    LoRA B and AdamW's moments zero, step 0. Step 0's loss is exactly ln 2 (the policy is its own reference), every
+    update is applied (random second moments, as memory.py once drew them, are negative: sqrt -> NaN, every update
+    skipped and the loss stuck at ln 2), and the next loss differs from ln 2."""
+    devices, _ = aot.slice_devices("cpu:1")
+    built = aot.build_step("tiny", "dpo", devices, (1, 1, 1), batch=2, seq_len=32, dtype="float32", chunk_size=256,
+                           layers=2, lora_rank=4)
+    state, batch, ref, frozen = aot.fresh_arguments(built)
+    names = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    lora_b = [x for n, x in names.items() if "_b']" in n]
+    assert len(lora_b) == len(names) // 2 and all(float(abs(x).max()) > 0 for n, x in names.items() if "_a']" in n)
+    assert lora_b and all(float(abs(x).max()) == 0 for x in lora_b)
+    assert all(float(abs(x).max()) == 0 for x in jax.tree.leaves(state["opt_state"]))
+    assert int(state["step"]) == 0 and int(batch["chosen_completion_mask"].sum()) == 2 * 16
+    fn = built.fn.lower(*built.args).compile()
+    losses = []
+    for _ in range(3):
+        state, m = fn(state, batch, ref, frozen)
+        assert float(m["nonfinite"]) == 0
+        losses.append(float(m["loss"]))
+    assert int(state["step"]) == 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert abs(losses[2] - math.log(2)) > 1e-6, losses

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SAFE_TO_CHANGE = ("total_steps", "num_epochs", "log_every", "eval_every", "eval_batches", "eval_generation",
                   "eval_suites", "eval_suites_max_prompts", "eval_suites_max_new_tokens", "eval_batch_size", "model.scan_layers",
                   "progress_bar", "export", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
-                  "data.data_dir", "data.toy_dir", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                  "data.data_dir", "data.toy_dir", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.attention")
 FREE_FORM = ("loss.kwargs.", "rewards.kwargs.")  # option dicts: a key present on one side only is a change
 PROVENANCE = "_provenance"
 

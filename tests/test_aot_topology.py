@@ -175,3 +175,54 @@ def test_fresh_arguments_make_a_step_that_learns():
     assert int(state["step"]) == 3
     assert losses[0] == pytest.approx(math.log(2), abs=1e-7)
     assert abs(losses[2] - math.log(2)) > 1e-6, losses
+
+
+def test_profile_classes_ops_by_their_hlo():
+    """benchmarks/dpo_profile.py's op classes, on an HLO module in the compiler's text form: a fusion holding a dot
+    is a matrix product, one of only copies/bitcasts a copy, one rooted in a reduce a reduction, the rest
+    element-wise; plain instructions by their opcode."""
+    spec = importlib.util.spec_from_file_location("dpo_profile", os.path.join(ROOT, "benchmarks", "dpo_profile.py"))
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    hlo = """HloModule m
+%fc.mm (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  %neg = f32[4,8]{1,0} negate(%p0)
+  ROOT %d = f32[4,2]{1,0} dot(%neg, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+%fc.cp (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %b = f32[4,8]{0,1} bitcast(%p0)
+  ROOT %c = f32[8,4]{1,0} copy(%b)
+}
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+%fc.red (p0: f32[4,8]) -> f32[4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %e = f32[4,8]{1,0} exponential(%p0)
+  %z = f32[] constant(0)
+  ROOT %r = f32[4]{0} reduce(%e, %z), dimensions={1}, to_apply=%add
+}
+%fc.ew (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[4,8]{1,0} tanh(%p0)
+}
+ENTRY %main (x: f32[4,8], w: f32[8,2]) -> f32[4,2] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %w = f32[8,2]{1,0} parameter(1)
+  %fusion.1 = f32[4,2]{1,0} fusion(%x, %w), kind=kOutput, calls=%fc.mm
+  %fusion.2 = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fc.cp
+  %fusion.3 = f32[4]{0} fusion(%x), kind=kInput, calls=%fc.red
+  %fusion.4 = f32[4,8]{1,0} fusion(%x), kind=kLoop, calls=%fc.ew
+  %dot.9 = f32[4,2]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %transpose.2 = f32[8,4]{0,1} transpose(%x), dimensions={1,0}
+  ROOT %tuple = (f32[4,2]{1,0}, f32[4]{0}) tuple(%fusion.1, %fusion.3)
+}
+"""
+    k = prof.classify(hlo)
+    assert [k[n] for n in ("fusion.1", "fusion.2", "fusion.3", "fusion.4", "dot.9", "transpose.2")] == [
+        "matmul", "copy/transpose", "reduction", "elementwise fusion", "matmul", "copy/transpose"]

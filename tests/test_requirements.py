@@ -10,7 +10,8 @@ import sys
 
 from util import ROOT
 
-OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu"}  # reference implementations, never needed to run
+OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu", "xprof"}  # reference implementations and the profiler
+# reader (benchmarks/dpo_profile.py), never needed to run
 LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation",
          "aot_topology", "bench_util"}
 

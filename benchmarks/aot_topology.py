@@ -361,6 +361,18 @@ def build_step(model: str, algorithm: str, devices, mesh_shape, *, batch: int, s
     return Built(fn, args, mcfg, n, mesh_shape)
 
 
+def compile_planned(built: Built):
+    """(compiled step, compile seconds, planned peak GiB = arguments + outputs - donated + temporaries, from XLA's
+    memory analysis of `built.fn`)."""
+    t0 = time.perf_counter()
+    compiled = built.fn.lower(*built.args).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+            + ma.temp_size_in_bytes) / GIB
+    return compiled, compile_s, plan
+
+
 def fresh_arguments(built: Built, seed: int = 0):
     """Concrete arguments for `built.fn` as a fresh run has them: random base weights and LoRA A (std 0.02), LoRA
     B zero (PEFT's init), AdamW's moments and count zero, step 0; a preference batch of random tokens with every

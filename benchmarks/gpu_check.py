@@ -112,12 +112,7 @@ def part_dpo(a) -> dict:
         try:
             built = t.build_step(model, "dpo", devices, (1, 1, 1), batch=batch, seq_len=seq, remat="none",
                                  dtype="bfloat16", scan=True, live_reference=live, attention=attention)
-            t0 = time.perf_counter()
-            compiled = built.fn.lower(*built.args).compile()
-            compile_s = time.perf_counter() - t0
-            ma = compiled.memory_analysis()
-            plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                    + ma.temp_size_in_bytes) / 2 ** 30
+            compiled, compile_s, plan = t.compile_planned(built)
             state, b, ref, *frozen = t.fresh_arguments(built)
             losses = []
             for _ in range(3):

@@ -85,12 +85,7 @@ def run_steps(model: str, *, lora: bool, steps: int = 2, layers: int = 0) -> dic
     devices, spec = a.slice_devices("cpu:1")
     built = a.build_step(model, "dpo", devices, (1, 1, 1), batch=BATCH, seq_len=SEQ_LEN, remat="full",
                          dtype="bfloat16", scan=True, lora_rank=RANK if lora else 0, layers=layers)
-    t0 = time.perf_counter()
-    compiled = built.fn.lower(*built.args).compile()
-    compile_s = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-            + ma.temp_size_in_bytes) / 2**30
+    compiled, compile_s, plan = a.compile_planned(built)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     state, batch, ref, *frozen = a.fresh_arguments(built)
     times, losses, nonfinite = [], [], []

@@ -166,7 +166,8 @@ def test_fresh_arguments_make_a_step_that_learns():
     assert lora_b and all(float(abs(x).max()) == 0 for x in lora_b)
     assert all(float(abs(x).max()) == 0 for x in jax.tree.leaves(state["opt_state"]))
     assert int(state["step"]) == 0 and int(batch["chosen_completion_mask"].sum()) == 2 * 16
-    fn = built.fn.lower(*built.args).compile()
+    fn, _, plan_gib = aot.compile_planned(built)
+    assert 0 < plan_gib < 1
     losses = []
     for _ in range(3):
         state, m = fn(state, batch, ref, frozen)

@@ -16,7 +16,7 @@ from align_jax.train.validate import ConfigValueError, validate_config
 
 
 def cli(*args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("TEST_XLA_FLAGS", ""), JAX_PLATFORMS="cpu")
     env.pop("ALIGN_JAX_VERBOSE", None)
     return subprocess.run([sys.executable, "-m", "align_jax.main", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)

@@ -330,7 +330,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     import signal
 
     wd = str(tmp_path / "int")
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("TEST_XLA_FLAGS", ""), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
         [sys.executable, "-m", "align_jax.main", "--config=configs/dpo.py:tiny", f"--workdir={wd}",
          "--config.total_steps=100000", "--config.checkpoint.every_steps=100000", "--config.data.eval=",

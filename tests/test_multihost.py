@@ -26,7 +26,8 @@ def _free_port():
 ONLINE_WORKER = r"""
 import os, sys, json
 nproc, pid, tmp, tests = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d" % (4 // nproc)
+os.environ["XLA_FLAGS"] = os.environ.get("TEST_XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=%d" % (4 // nproc))
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py (its cache settings: inherited)

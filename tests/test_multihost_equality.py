@@ -20,7 +20,8 @@ ALGOS = "dpo,grpo_offline"
 
 WORKER = r"""
 import json, os, sys, tempfile
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d" % int(sys.argv[3])
+os.environ["XLA_FLAGS"] = os.environ.get("TEST_XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=%d" % int(sys.argv[3]))
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 n, i = int(sys.argv[1]), int(sys.argv[2])

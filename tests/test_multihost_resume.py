@@ -33,7 +33,7 @@ WORKER = r"""
 import json, os, shutil, signal, sys, time
 n, i, devices, addr, tests, job, tmp = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
                                         sys.argv[5], sys.argv[6], sys.argv[7])
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d" % devices
+os.environ["XLA_FLAGS"] = os.environ.get("TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=%d" % devices
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py

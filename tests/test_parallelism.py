@@ -46,7 +46,7 @@ def run(name: str, mesh: tuple[int, int, int]) -> dict[int, float]:
 
 REFERENCE = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["XLA_FLAGS"] = os.environ.get("TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, sys.argv[1])
 import test_parallelism

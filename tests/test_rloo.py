@@ -255,7 +255,7 @@ def test_rloo_cli_tiny_run_writes_metrics(tmp_path):
     from util import ROOT, SHARED
 
     wd = str(tmp_path / "cli")
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("TEST_XLA_FLAGS", ""), JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-m", "align_jax.main", "--config=configs/rloo.py:tiny", f"--workdir={wd}",
                         f"--config.data.toy_dir={SHARED}/toy", f"--config.data.data_dir={SHARED}/tfds"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

@@ -56,7 +56,7 @@ def build(workdir: str) -> dict:
     from align_jax.data.toy import generate as generate_toy
 
     hf = {k: v for k, v in MODEL.items() if k not in ("architectures", "model_type")}
-    out, n = {}, {}
+    n = {}
     try:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -77,7 +77,7 @@ def build(workdir: str) -> dict:
         m = init_model(from_hf_config(MODEL), seed=0)
         save_pretrained(m, os.path.join(workdir, "model"))
         rm = ScalarHeadModel(from_hf_config(MODEL), rngs=nnx.Rngs(1))
-        save_reward_model(rm, os.path.join(workdir, "rm"))
+        save_reward_model(rm, os.path.join(workdir, "rm"), pad_token_id=MODEL["pad_token_id"])
         n = {k: sum(x.size for x in jax.tree.leaves(nnx.state(v, nnx.Param))) for k, v in (("model", m), ("rm", rm))}
     for name in ("model", "rm"):
         for f in os.listdir(TOKENIZER_DIR):

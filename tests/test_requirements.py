@@ -12,8 +12,8 @@ from util import ROOT
 
 OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu", "xprof"}  # reference implementations and the profiler
 # reader (benchmarks/dpo_profile.py), never needed to run
-LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation",
-         "aot_topology", "bench_util"}
+LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation"}
+LOCAL |= {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")}  # they import each other
 
 
 def _imports(path):

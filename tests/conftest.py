@@ -3,9 +3,10 @@ import os
 
 # The suite's programs are tiny and most of its time is compiling them. LLVM's cheapest optimisation level and XLA's
 # older (non-MLIR) CPU fusion emitters compile them ~4x faster (30.0 s -> 6.6 s of compilation for
-# test_model.py::test_dot_product_attention_equals_einsum_path); numerics are unchanged (XLA CPU never reassociates
-# floating point). Tests only: `train()` keeps XLA's defaults. Subprocesses that set their own device count read
-# these from TEST_XLA_FLAGS.
+# test_model.py::test_dot_product_attention_equals_einsum_path). Values agree with XLA's default flags to float32
+# rounding (element-wise functions such as exp may round differently; the runs a test compares are all compiled with
+# these flags). Tests only: `train()` keeps XLA's defaults. Subprocesses that set their own device count read these
+# from TEST_XLA_FLAGS.
 os.environ.setdefault("TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                                         "--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = (

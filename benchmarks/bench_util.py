@@ -1,5 +1,5 @@
 """What the comparison benchmarks share: the machine's matrix-multiplication rate (the ceiling their FLOP rates are
-compared with) and running one side of a comparison in a fresh process."""
+compared with), running one side of a comparison in a fresh process, and timing align-jax's online training loop."""
 
 from __future__ import annotations
 
@@ -50,3 +50,17 @@ def run_child(cmd: list[str], what: str) -> dict:
     res = json.loads(lines[-1][len("RESULT "):])
     res["loadavg_before"] = load
     return res
+
+
+def train_timed_steps(config, workdir: str, warmup: int, steps: int) -> tuple[list[dict], float]:
+    """Runs `train(config, workdir)` (an online run of `warmup` + `steps` optimizer steps); returns the metrics.jsonl
+    rows of the `steps` timed steps (those after `warmup`, which compile) and the whole run's wall seconds."""
+    from align_jax.train import train
+
+    t0 = time.perf_counter()
+    train(config, workdir)
+    total = time.perf_counter() - t0
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [r for r in rows if "step_seconds" in r and r["step"] > warmup]
+    assert len(rows) == steps, rows
+    return rows, total

@@ -83,7 +83,7 @@ def run_jax(workdir: str, a) -> dict:
 
     import jax
 
-    from align_jax.train import train
+    from bench_util import train_timed_steps
 
     spec = importlib.util.spec_from_file_location("grpo_config", ROOT / "configs" / "grpo.py")
     mod = importlib.util.module_from_spec(spec)
@@ -107,13 +107,7 @@ def run_jax(workdir: str, a) -> dict:
     c.eval_generation = 0
     c.export = False
     c.progress_bar = False
-    wd = os.path.join(workdir, f"jax_run_{a.beta}")
-    t0 = time.perf_counter()
-    train(c, wd)
-    total = time.perf_counter() - t0
-    rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-    rows = [r for r in rows if "step_seconds" in r and r["step"] > a.warmup]
-    assert len(rows) == a.steps, rows
+    rows, total = train_timed_steps(c, os.path.join(workdir, f"jax_run_{a.beta}"), a.warmup, a.steps)
     steps = []
     for r in rows:
         gen, score, logps = (r.get("timing/sampling_seconds", 0.0), r.get("timing/scoring_seconds", 0.0),

@@ -90,7 +90,7 @@ def run_jax(workdir: str, a) -> dict:
     import jax
 
     from align_jax.cli import load_config_file
-    from align_jax.train import train
+    from bench_util import train_timed_steps
 
     c = load_config_file(str(ROOT / "configs" / "ppo.py"))
     n = a.warmup + a.steps
@@ -111,13 +111,7 @@ def run_jax(workdir: str, a) -> dict:
     c.eval_generation = 0
     c.export = False
     c.progress_bar = False
-    wd = os.path.join(workdir, "jax_run")
-    t0 = time.perf_counter()
-    train(c, wd)
-    total = time.perf_counter() - t0
-    rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-    rows = [r for r in rows if "step_seconds" in r and r["step"] > a.warmup]
-    assert len(rows) == a.steps, rows
+    rows, total = train_timed_steps(c, os.path.join(workdir, "jax_run"), a.warmup, a.steps)
     steps = []
     for r in rows:
         gen = r.get("timing/sampling_seconds", 0.0)

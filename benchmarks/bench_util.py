@@ -64,3 +64,30 @@ def train_timed_steps(config, workdir: str, warmup: int, steps: int) -> tuple[li
     rows = [r for r in rows if "step_seconds" in r and r["step"] > warmup]
     assert len(rows) == steps, rows
     return rows, total
+
+
+def comma_choices(*allowed):
+    """An argparse type: a comma-separated list, each item one of `allowed` (e.g. `--sides jax,trl`)."""
+    import argparse
+
+    def parse(text):
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated, each one of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {low}")
+        return value
+    return parse

@@ -227,15 +227,6 @@ def _spawn(side, beta, a) -> dict:
         f"--{k}={getattr(a, k)}" for k in ("prompts", "generations", "new", "steps", "warmup")], side)
 
 
-def _choices(*allowed):
-    def parse(text):
-        names = [x.strip() for x in text.split(",") if x.strip()]
-        if not names or any(n not in allowed for n in names):
-            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated, each one of {', '.join(allowed)}")
-        return names
-    return parse
-
-
 def _floats(text):
     try:
         values = [float(x) for x in text.split(",")]
@@ -247,14 +238,16 @@ def _floats(text):
 
 
 def main():
+    from bench_util import at_least, comma_choices
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sides", default="jax,trl", type=_choices("jax", "trl"), help="comma-separated: jax, trl")
+    ap.add_argument("--sides", default="jax,trl", type=comma_choices("jax", "trl"), help="comma-separated: jax, trl")
     ap.add_argument("--betas", default="0,0.04", type=_floats, help="comma-separated KL coefficients, each >= 0")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--generations", type=int, default=8)
-    ap.add_argument("--new", type=int, default=32, help="max new tokens per completion")
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (align-jax compiles here)")
+    ap.add_argument("--prompts", type=at_least(1), default=8)
+    ap.add_argument("--generations", type=at_least(2), default=8)
+    ap.add_argument("--new", type=at_least(1), default=32, help="max new tokens per completion")
+    ap.add_argument("--steps", type=at_least(1), default=3, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=at_least(1), default=2, help="untimed steps first (align-jax compiles here)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--beta", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -214,21 +214,21 @@ def _spawn(side, a) -> dict:
 
 
 def main():
+    from bench_util import at_least, comma_choices
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sides", default="jax,trl", help="comma-separated: jax, trl")
+    ap.add_argument("--sides", default="jax,trl", type=comma_choices("jax", "trl"), help="comma-separated: jax, trl")
     ap.add_argument("--trl-python", default="", help="the Python of an environment with trl==0.29.1 (TRL side)")
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout (one completion each)")
-    ap.add_argument("--new", type=int, default=32, help="max new tokens per completion")
-    ap.add_argument("--steps", type=int, default=3, help="timed rollouts (one optimizer step each)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rollouts first (align-jax compiles here)")
+    ap.add_argument("--prompts", type=at_least(1), default=16, help="prompts per rollout (one completion each)")
+    ap.add_argument("--new", type=at_least(1), default=32, help="max new tokens per completion")
+    ap.add_argument("--steps", type=at_least(1), default=3, help="timed rollouts (one optimizer step each)")
+    ap.add_argument("--warmup", type=at_least(1), default=2, help="untimed rollouts first (align-jax compiles here)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return _child(a)
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    if not sides or any(s not in ("jax", "trl") for s in sides):
-        ap.error(f"--sides {a.sides!r}: comma-separated, each one of jax, trl")
+    sides = a.sides
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.prompts} prompts x 1 "
           f"completion, <= {a.new} new tokens, {a.warmup} warm-up + {a.steps} timed rollouts")
     res = {}

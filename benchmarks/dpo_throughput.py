@@ -13,9 +13,17 @@ Data (the same pre-tokenized rows, in the same order, on both sides):
   TRL's tokenization, see tests/test_trl_parity.py);
 * `100m`: random token ids (the toy tokenizer's 256-word vocabulary does not fit a 32000 vocabulary): prompt,
   chosen and rejected lengths drawn uniformly from --prompt-len / --completion-len.
-DPO settings on both sides: sigmoid loss, beta 0.1, live reference model (a second copy of the weights, not
-precomputed), AdamW lr 5e-6 with linear decay, gradient clipping at norm 1.0, batch --batch-size pairs (2x rows:
-chosen and rejected in one forward), no truncation.
+DPO settings on both sides: sigmoid loss, beta 0.1, AdamW lr 5e-6 with linear decay, gradient clipping at norm 1.0,
+batch --batch-size pairs (2x rows: chosen and rejected in one forward), no truncation. Sides (--sides):
+* `jax-default`: align-jax as configs/dpo.py runs it: packed rows and a precomputed reference (a forward-only pass
+  over the batches first, `dpo.reference_logps`; the step then runs no reference forward). Its throughput counts
+  the reference pass's time with the steps' (the work is the same: every token gets one reference forward).
+* `jax-packed`, `jax`: packed rows / rows padded to a multiple of --bucket, each with a live reference model (a
+  second copy of the weights), i.e. TRL's settings: the "equal settings" ratios.
+* `trl`: DPOTrainer at its defaults (live reference, padding to the batch's longest row, gradient checkpointing).
+Issue 16's item-3 targets are printed with each comparison: real tokens/s >= 2.5x TRL's with each side at its
+defaults (jax-default / trl), and useful FLOPs (analytic, on real tokens only: `useful_flops`) >= 75 % of this
+machine's fp32 matmul peak measured in the same process.
 
 What is timed: `--warmup` steps (plus, for align-jax, one extra step per padded length that the timed batches use,
 so that nothing is compiled while timed) run first; then the wall time of the next `--steps` optimizer steps,
@@ -41,7 +49,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from bench_util import matmul_peak, run_child  # noqa: E402  (benchmarks/bench_util.py)
+from bench_util import comma_choices, matmul_peak, run_child  # noqa: E402  (benchmarks/bench_util.py)
 
 SIZES = {
     "toy": None,  # align_jax/data/toy/model_config.json
@@ -53,6 +61,10 @@ SIZES = {
 }
 # Per size: the default batch (pairs) and steps; the 100m ones keep a run of both sides near 5 minutes on 2 cores.
 SIZE_DEFAULTS = {"toy": dict(batch_size=8, steps=5, warmup=2), "100m": dict(batch_size=4, steps=3, warmup=1)}
+SIDES = ("jax-default", "jax-packed", "jax", "trl")
+# issue 16, item 3, at 110M: useful (real-token) FLOPs >= 75 % of the machine's matmul peak; real tokens/s >= 2.5x
+# TRL's with each side at its defaults
+TARGET_PEAK, TARGET_RATIO = 0.75, 2.5
 PAD_ID = 0
 LR = 5e-6
 BETA = 0.1
@@ -129,6 +141,11 @@ def make_rows(size: str, n: int, workdir: str, prompt_len, completion_len, seed:
             for _ in range(n)]
 
 
+def model_config_of(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)
+
+
 def real_tokens(rows) -> int:
     return sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
 
@@ -147,8 +164,26 @@ def _throughput(ends: list[float], tokens: list[int]) -> dict:
 # ------------------------------------------------------------------------------------------------ align-jax
 
 
+def useful_flops(hf: dict, rows, live_reference: bool) -> float:
+    """Analytic model FLOPs on the real tokens of `rows` (no padding): per chosen and rejected sequence of n =
+    prompt + completion tokens, the policy's forward + backward and, with a live reference, its forward
+    (`aot_topology.step_flops` for one sequence of n tokens: 6 x matmul weights x n, attention over n x n, the LM
+    head on n - 1 positions)."""
+    from aot_topology import step_flops
+
+    from align_jax.models import from_hf_config
+
+    mcfg = from_hf_config(hf)
+    total = 0.0
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            f = step_flops(mcfg, "dpo", 1, len(r["prompt_ids"]) + len(r[f"{side}_ids"]))  # 2 sequences of n
+            total += (f["policy"] + (f["reference"] if live_reference else 0.0)) / 2
+    return total
+
+
 def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmup: int, bucket: int,
-            packing: bool = False) -> dict:
+            packing: bool = False, precompute: bool = False) -> dict:
     import importlib.util
 
     import jax
@@ -161,6 +196,7 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     from align_jax.models import load_pretrained
     from align_jax.parallel import make_mesh
     from align_jax.algorithms import get_algorithm
+    from align_jax.algorithms.dpo import reference_logps
     from align_jax.parallel import batch_specs, host_batch, to_device
     from align_jax.train.optim import make_optimizer
     from align_jax.train.step import jit_train_step
@@ -222,26 +258,52 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
     state = jax.device_put(state, jax.tree.map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         else NamedSharding(mesh, P()), state))
-    first = collate(batches_rows[0])
+    # precomputed reference (configs/dpo.py's default): a forward-only pass over the batches gives each pair's
+    # reference log-probs (`dpo.reference_logps`, what `precompute_reference` stores); the step then runs no
+    # reference forward. Timed separately (`reference_seconds`) and counted in the side's throughput.
+    ref_pass = jax.jit(lambda p, b: reference_logps(nnx.merge(ref_graphdef, p, ref_rest), b, cfg.chunk_size))
+    ref_table = {}
+
+    def with_reference(i, host):
+        if precompute:
+            host = dict(host, ref_chosen_logps=ref_table[i][0], ref_rejected_logps=ref_table[i][1])
+        return host
+
+    def reference_pass(batches):  # fills ref_table {batch index: (chosen [B], rejected [B])}; returns its seconds
+        t = time.perf_counter()
+        for rs in batches:
+            c, r = jax.device_get(ref_pass(ref_params, to_device(collate(rs), mesh)))
+            ref_table[index[id(rs)]] = (np.asarray(c), np.asarray(r))
+        return time.perf_counter() - t
+
+    index = {id(rs): i for i, rs in enumerate(batches_rows)}
+    reference_seconds = 0.0
+    if precompute:
+        reference_pass(warm)  # compiles the forward per shape (untimed, as the steps' warm-up)
+        reference_seconds = reference_pass(timed)
     step_fn = jit_train_step(state_shardings=jax.tree.map(lambda x: x.sharding, state),
-                             batch_shardings=batch_specs(first, mesh),
-                             ref_shardings=jax.tree.map(lambda x: x.sharding, ref_params),
+                             batch_shardings=batch_specs(with_reference(0, collate(batches_rows[0])), mesh),
+                             ref_shardings=None if precompute else jax.tree.map(lambda x: x.sharding, ref_params),
                              metric_sharding=NamedSharding(mesh, P()), tx=tx, schedule=schedule, accum=1,
-                             graphdef=graphdef, rest=rest, ref_graphdef=ref_graphdef, ref_rest=ref_rest,
-                             algorithm=algorithm, cfg=cfg)
+                             graphdef=graphdef, rest=rest, ref_graphdef=None if precompute else ref_graphdef,
+                             ref_rest=None if precompute else ref_rest, algorithm=algorithm, cfg=cfg)
+    step_ref = None if precompute else ref_params
+
+    def host_of(rs):
+        return with_reference(index[id(rs)], collate(rs))
 
     def one_step(state, rs):
-        state, metrics = step_fn(state, to_device(collate(rs), mesh), ref_params)
+        state, metrics = step_fn(state, to_device(host_of(rs), mesh), step_ref)
         jax.block_until_ready(metrics)
         return state, metrics
 
     # XLA's own count of the floating-point operations of one compiled step, per padded length (for the roofline)
     flops_by_len = {}
     for rs in timed:
-        host = collate(rs)
+        host = host_of(rs)
         L = shape(host)
         if L not in flops_by_len:
-            cost = step_fn.lower(state, to_device(host, mesh), ref_params).compile().cost_analysis()
+            cost = step_fn.lower(state, to_device(host, mesh), step_ref).compile().cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             flops_by_len[L] = float(cost.get("flops", float("nan")))
 
@@ -254,8 +316,15 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
         ends.append(time.perf_counter())
     padded = sum(cells(collate(b)) for b in timed)
     step_flops = sum(flops_by_len[shape(collate(b))] for b in timed)
-    return {"side": "align-jax packed" if packing else "align-jax", **_throughput(ends, [real_tokens(b) for b in timed]), "padded_tokens": padded,
-            "flops": step_flops, "flops_per_second": step_flops / (ends[-1] - ends[0]), "matmul_peak": matmul_peak(),
+    tokens = [real_tokens(b) for b in timed]
+    seconds = ends[-1] - ends[0] + reference_seconds  # the whole work: steps (+ the reference pass)
+    useful = useful_flops(model_config_of(model_dir), [r for b in timed for r in b], live_reference=True)
+    name = "align-jax default" if precompute else "align-jax packed" if packing else "align-jax"
+    return {"side": name, **_throughput(ends, tokens), "padded_tokens": padded,
+            "reference_seconds": reference_seconds, "steps_tokens_per_second": sum(tokens) / (ends[-1] - ends[0]),
+            "work_tokens_per_second": sum(tokens) / seconds,
+            "flops": step_flops, "flops_per_second": step_flops / (ends[-1] - ends[0]),
+            "useful_flops": useful, "useful_flops_per_second": useful / seconds, "matmul_peak": matmul_peak(),
             "warmup_seconds": ends[0] - t0, "warmup_steps": len(warm),
             "padded_lengths": timed_shapes, "loss_last": float(metrics["loss"]),
             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}", "jax": jax.__version__}
@@ -312,13 +381,48 @@ def run_trl(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def report(size: str, res: dict) -> list[str]:
+    """Prints the comparisons and issue 16's item-3 targets for one size; returns the summary's ratio strings."""
+    def tps(side):  # real tokens per second of the side's whole work (the reference pass included)
+        return res[side].get("work_tokens_per_second", res[side]["tokens_per_second"])
+
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    out = []
+    if "jax" in res and "jax-packed" in res:
+        print(f"    packing: packed / padded align-jax (both a live reference) = "
+              f"{tps('jax-packed') / tps('jax'):.2f}x real tokens/s")
+    if "trl" in res:
+        trl = tps("trl")
+        if "jax-default" in res:
+            r = tps("jax-default") / trl
+            print(f"    defaults: align-jax (packed, precomputed reference, its pass counted) / TRL (padded, live "
+                  f"reference) = {r:.2f}x real tokens/s; target >= {TARGET_RATIO}x: {met(r >= TARGET_RATIO)}")
+            out.append(f"{size} defaults {r:.2f}x")
+        for side, what in (("jax-packed", "packed"), ("jax", "padded")):
+            if side in res:
+                r = tps(side) / trl
+                print(f"    equal settings (both a live reference): align-jax {what} / TRL = {r:.2f}x real tokens/s")
+                out.append(f"{size} {what} live {r:.2f}x")
+    for side in ("jax-default", "jax-packed", "jax"):
+        if side in res:
+            j = res[side]
+            peak = j["matmul_peak"]
+            u = j["useful_flops_per_second"] / peak
+            print(f"    {j['side']}: useful FLOPs (analytic, real tokens: policy forward+backward and reference forward)"
+                  f" {j['useful_flops_per_second'] / 1e9:.1f} GFLOP/s = {u:.0%} of this machine's fp32 matmul peak "
+                  f"({peak / 1e9:.1f} GFLOP/s, same process); target >= {TARGET_PEAK:.0%}: {met(u >= TARGET_PEAK)}. "
+                  f"Executed FLOPs (XLA cost analysis of the steps, padding included) "
+                  f"{j['flops_per_second'] / 1e9:.1f} GFLOP/s = {j['flops_per_second'] / peak:.0%}")
+    return out
+
+
 def _child(args):
     with open(os.path.join(args.workdir, "rows.json")) as f:
         rows = json.load(f)
     model_dir = os.path.join(args.workdir, "model")
-    if args.child in ("jax", "jax-packed"):
+    if args.child.startswith("jax"):
         res = run_jax(model_dir, rows, args.batch_size, args.steps, args.warmup, args.bucket,
-                      packing=args.child == "jax-packed")
+                      packing=args.child in ("jax-packed", "jax-default"), precompute=args.child == "jax-default")
     else:
         res = run_trl(model_dir, rows, args.batch_size, args.steps, args.warmup)
     res["loadavg_after"] = os.getloadavg()
@@ -334,8 +438,10 @@ def _spawn(side, workdir, args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="toy,100m")
-    ap.add_argument("--sides", default="jax,jax-packed,trl",
-                    help="jax (padded to buckets), jax-packed (align-jax's default for preference data), trl")
+    ap.add_argument("--sides", default="jax-default,jax-packed,jax,trl", type=comma_choices(*SIDES),
+                    help="jax-default (packed rows, precomputed reference: configs/dpo.py's defaults), jax-packed "
+                         "(packed, live reference), jax (padded to buckets, live reference), trl (DPOTrainer at its "
+                         "defaults: padded, live reference)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: toy 5, 100m 3)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps first; align-jax compiles here (default: toy 2, 100m 1)")
@@ -367,39 +473,22 @@ def main():
                   f"sequence lengths {min(lens)}-{max(lens)}, {size_args.warmup} warm-up + {size_args.steps} "
                   "timed steps")
             res = {}
-            for side in size_args.sides.split(","):
+            for side in size_args.sides:
                 r = _spawn(side, wd, size_args)
                 res[side] = r
-                extra = (f", {'rows' if side == 'jax-packed' else 'padded to'} {r['padded_lengths']} "
+                extra = (f", {'padded to' if side == 'jax' else 'rows'} {r['padded_lengths']} "
                          f"({r['tokens'] / r['padded_tokens']:.0%} real)"
                          if side.startswith("jax") else f", torch threads {r['torch_threads']}")
-                print(f"{r['side']:>9}: {r['tokens_per_second']:10.1f} real tokens/s (median step "
+                if side == "jax-default":
+                    extra += (f"; + reference pass {r['reference_seconds']:.2f} s -> "
+                              f"{r['work_tokens_per_second']:.1f} real tokens/s for the whole work")
+                print(f"{r['side']:>17}: {r['tokens_per_second']:10.1f} real tokens/s in steps (median step "
                       f"{r['median_tokens_per_second']:.1f})  ({r['tokens']} tokens in "
                       f"{r['seconds']:.2f} s; warm-up {r['warmup_steps']} steps {r['warmup_seconds']:.1f} s{extra}; "
                       f"load avg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f})")
-            if "jax" in res and "jax-packed" in res:
-                pk, pd = res["jax-packed"], res["jax"]
-                print(f"    packing: packed / padded align-jax = {pk['tokens_per_second'] / pd['tokens_per_second']:.2f}x"
-                      f" real tokens/s (median steps "
-                      f"{pk['median_tokens_per_second'] / pd['median_tokens_per_second']:.2f}x)")
-                if "trl" in res:
-                    print(f"    ratio: align-jax packed / TRL = "
-                          f"{pk['tokens_per_second'] / res['trl']['tokens_per_second']:.2f}x")
-            if "jax" in res and "trl" in res:
-                ratio = res["jax"]["tokens_per_second"] / res["trl"]["tokens_per_second"]
-                med = res["jax"]["median_tokens_per_second"] / res["trl"]["median_tokens_per_second"]
-                print(f"    ratio: align-jax / TRL = {ratio:.2f}x (median steps: {med:.2f}x)")
-                j = res["jax"]
-                per_token = j["flops"] / j["tokens"]  # align-jax's FLOPs per real token (padding included)
-                need = 8 * res["trl"]["tokens_per_second"] * per_token
-                print(f"    roofline: align-jax's step runs {j['flops_per_second'] / 1e9:.1f} GFLOP/s (XLA cost "
-                      f"analysis, {per_token / 1e9:.2f} GFLOP per real token) = "
-                      f"{j['flops_per_second'] / j['matmul_peak']:.0%} of this machine's fp32 matmul peak "
-                      f"({j['matmul_peak'] / 1e9:.1f} GFLOP/s); 8x TRL would need {need / 1e9:.1f} GFLOP/s = "
-                      f"{need / j['matmul_peak']:.0%} of that peak")
-                summary.append((size, ratio, med))
+            summary += report(size, res)
     if summary:
-        print("\nsummary (align-jax / TRL): " + ", ".join(f"{s}: {r:.2f}x (median {m:.2f}x)" for s, r, m in summary))
+        print("\nsummary (real tokens/s over TRL's): " + "; ".join(summary))
 
 
 if __name__ == "__main__":

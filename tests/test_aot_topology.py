@@ -181,10 +181,10 @@ def test_fresh_arguments_make_a_step_that_learns():
 
 
 def test_profile_classes_ops_by_their_hlo():
-    """benchmarks/dpo_profile.py's op classes, on an HLO module in the compiler's text form: a fusion holding a dot
+    """benchmarks/xla_profile.py's op classes, on an HLO module in the compiler's text form: a fusion holding a dot
     is a matrix product, one of only copies/bitcasts a copy, one rooted in a reduce a reduction, the rest
     element-wise; plain instructions by their opcode."""
-    spec = importlib.util.spec_from_file_location("dpo_profile", os.path.join(ROOT, "benchmarks", "dpo_profile.py"))
+    spec = importlib.util.spec_from_file_location("xla_profile", os.path.join(ROOT, "benchmarks", "xla_profile.py"))
     prof = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prof)
     hlo = """HloModule m
@@ -229,3 +229,17 @@ ENTRY %main (x: f32[4,8], w: f32[8,2]) -> f32[4,2] {
     k = prof.classify(hlo)
     assert [k[n] for n in ("fusion.1", "fusion.2", "fusion.3", "fusion.4", "dot.9", "transpose.2")] == [
         "matmul", "copy/transpose", "reduction", "elementwise fusion", "matmul", "copy/transpose"]
+
+
+def test_profile_self_times_subtract_nested_ops():
+    """benchmarks/xla_profile.py: an op that contains others on its thread (the sampler's while loop) keeps only its
+    own time; ops on another thread are not nested; times are per run (microseconds in, seconds out)."""
+    spec = importlib.util.spec_from_file_location("xla_profile", os.path.join(ROOT, "benchmarks", "xla_profile.py"))
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    ev = lambda name, ts, dur, tid=1: {"name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur}  # noqa: E731
+    events = [ev("while.1", 0, 100), ev("dot.1", 10, 20), ev("fusion.2", 40, 10), ev("fusion.3", 5, 10, tid=2),
+              ev("while.1", 200, 100), ev("dot.1", 250, 30)]
+    t = prof.self_times(events, runs=2)
+    assert {k: round(v * 1e6, 6) for k, v in t.items()} == {"while.1": 70.0, "dot.1": 25.0, "fusion.2": 5.0,
+                                                           "fusion.3": 5.0}

@@ -11,7 +11,7 @@ import sys
 from util import ROOT
 
 OPTIONAL = {"torch", "trl", "peft", "datasets", "libtpu", "xprof"}  # reference implementations and the profiler
-# reader (benchmarks/dpo_profile.py), never needed to run
+# reader (benchmarks/xla_profile.py), never needed to run
 LOCAL = {"align_jax", "conftest", "util", "experiments", "benchmarks", "toy_pipeline", "make_fixtures", "ablation"}
 LOCAL |= {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")}  # they import each other
 

@@ -41,8 +41,7 @@ def dpo_inputs(model, batch, ref_model, cfg):
     elif ref_model is None:  # reference-free
         ref_c = ref_r = jnp.zeros(c_lp.shape[0], jnp.float32)
     else:
-        (rc_lp, _), (rr_lp, _) = pair_token_logps(ref_model, batch, cfg.chunk_size)
-        ref_c, ref_r = jax.lax.stop_gradient(seq_logps(rc_lp, c_m)), jax.lax.stop_gradient(seq_logps(rr_lp, r_m))
+        ref_c, ref_r = jax.tree.map(jax.lax.stop_gradient, reference_logps(ref_model, batch, cfg.chunk_size))
     c, r = seq_logps(c_lp, c_m), seq_logps(r_lp, r_m)
     if "policy_is_reference" in batch and (ref_model is not None or "ref_chosen_logps" in batch):
         # Before the first update the policy's weights are the reference's (the reference is a copy of them):
@@ -85,6 +84,13 @@ def dpo_eval(model, batch, ref_model, cfg):
             "loss": loss}
 
 
+def reference_logps(ref_model, batch, chunk_size):
+    """The reference's sequence log-probs (chosen [B], rejected [B]) of a padded or packed pair batch: what
+    `precompute_reference` stores and a live reference gives in `dpo_inputs`."""
+    (c_lp, c_m), (r_lp, r_m) = pair_token_logps(ref_model, batch, chunk_size)
+    return seq_logps(c_lp, c_m), seq_logps(r_lp, r_m)
+
+
 def precompute_reference(config, data, ref_model, mesh, tokenizer):
     """One pass over the training source (unshuffled) computes the reference sequence log-probs of every
     pair, keyed by record index; the training batches then carry them (`ref_chosen_logps`,
@@ -112,9 +118,7 @@ def precompute_reference(config, data, ref_model, mesh, tokenizer):
     # result is replicated so that each process can read it (its own block = the first one).
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def ref_logps(params, batch):
-        m = nnx.merge(graphdef, params, rest)
-        (c_lp, c_m), (r_lp, r_m) = pair_token_logps(m, batch, config.chunk_size)
-        return seq_logps(c_lp, c_m), seq_logps(r_lp, r_m)
+        return reference_logps(nnx.merge(graphdef, params, rest), batch, config.chunk_size)
 
     ds, _ = make_loader(data.train_source, tokenizer, batch_size=config.eval_batch_size // jax.process_count(),
                         seed=0, shuffle=False, num_epochs=1, drop_remainder=False, shard_by_process=False,

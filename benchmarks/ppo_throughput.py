@@ -253,6 +253,8 @@ def main():
             ratio = f"**{t['seconds'] / j['seconds']:.2f}x**" if name == "align-jax" else ""
             print(f"| {name} | {m['seconds']:.3f} | {m['generation']:.3f} | {m['forwards']:.3f} | {m['update']:.3f} "
                   f"| {ratio} |")
+        print(f"\nalign-jax / TRL steps per second = {t['seconds'] / j['seconds']:.2f}x; issue 16's target >= 3x: "
+              f"{'met' if t['seconds'] / j['seconds'] >= 3 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -243,3 +243,25 @@ def test_profile_self_times_subtract_nested_ops():
     t = prof.self_times(events, runs=2)
     assert {k: round(v * 1e6, 6) for k, v in t.items()} == {"while.1": 70.0, "dot.1": 25.0, "fusion.2": 5.0,
                                                            "fusion.3": 5.0}
+
+
+def test_dpo_benchmark_useful_flops_by_hand():
+    """benchmarks/dpo_throughput.py's useful FLOPs (issue 16's roofline target counts real tokens only): per
+    sequence of n tokens, the policy's 3 x (2 x matmul weights x n + 4 L H E n^2 + 2 D V (n - 1)) and, with a live
+    reference, one more forward; by hand on a small Llama shape, for a pair of 3 + 2 and 3 + 4 tokens."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("dpo_throughput",
+                                                      os.path.join(ROOT, "benchmarks", "dpo_throughput.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    D, F, L, V, H, K, E = 16, 40, 2, 50, 4, 2, 4
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=F,
+              num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=K, head_dim=E, tie_word_embeddings=True)
+    rows = [{"prompt_ids": [5] * 3, "chosen_ids": [6] * 2, "rejected_ids": [7] * 4}]
+    weights = L * (2 * D * H * E + 2 * D * K * E + 3 * D * F)  # q, o; k, v; gate, up, down
+    fwd = lambda n: 2 * weights * n + 4 * L * H * E * n * n + 2 * D * V * (n - 1)  # noqa: E731
+    assert bench.useful_flops(hf, rows, live_reference=False) == 3 * (fwd(5) + fwd(7))
+    assert bench.useful_flops(hf, rows, live_reference=True) == 4 * (fwd(5) + fwd(7))

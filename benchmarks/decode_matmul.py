@@ -18,13 +18,18 @@ costs more than the product. Best of `--repeats` interleaved runs (the machine m
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from align_jax.hostinfo import host_line  # noqa: E402
 
 SHAPES = [(512, 256), (256, 256), (1376, 256), (256, 688)] * 4 + [(2048, 256)]  # [out, in]
 D = 256
@@ -65,6 +70,7 @@ def main():
     rng = np.random.default_rng(0)
     ws = [jnp.asarray(rng.standard_normal(s) * 0.01, jnp.float32) for s in SHAPES]
     mb = sum(np.prod(s) for s in SHAPES) * 4 / 1e6
+    print(host_line(with_jax=True))
     print(f"device: {jax.devices()[0].device_kind}; {len(SHAPES)} products, {mb:.1f} MB of fp32 weights")
     print(f"{'rows':>5} {'x W^T ms/step':>14} {'W x^T ms/step':>14} {'speed-up':>9}   (best; median)")
     for R in a.rows:

@@ -50,6 +50,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from bench_util import comma_choices, matmul_peak, run_child  # noqa: E402  (benchmarks/bench_util.py)
+from align_jax.hostinfo import host_line  # noqa: E402
 
 SIZES = {
     "toy": None,  # align_jax/data/toy/model_config.json
@@ -455,7 +456,7 @@ def main():
     if args.child:
         return _child(args)
 
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+    print(host_line())
     summary = []
     for size in args.sizes.split(","):
         size_args = argparse.Namespace(**{**vars(args), **{k: v if getattr(args, k) is None else getattr(args, k)

@@ -36,6 +36,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from align_jax.hostinfo import host_line  # noqa: E402
 
 MODEL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256, hidden_size=256,
              intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -254,6 +255,7 @@ def main():
     a = ap.parse_args()
     if a.child:
         return _child(a)
+    print(host_line())
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.prompts} prompts x "
           f"{a.generations} completions, <= {a.new} new tokens, {a.warmup} warm-up + {a.steps} timed steps")
     table = []

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from grpo_throughput import MODEL  # noqa: E402  (the same policy shape)
+from align_jax.hostinfo import host_line  # noqa: E402
 
 LR = 1e-5
 PARTS = ("generation", "forwards", "update")
@@ -229,6 +230,7 @@ def main():
     if a.child:
         return _child(a)
     sides = a.sides
+    print(host_line())
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.prompts} prompts x 1 "
           f"completion, <= {a.new} new tokens, {a.warmup} warm-up + {a.steps} timed rollouts")
     res = {}

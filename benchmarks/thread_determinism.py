@@ -15,6 +15,9 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from align_jax.hostinfo import host_line  # noqa: E402
+
 CHILD = r"""
 import hashlib, json, os, sys
 os.sched_setaffinity(0, set(json.loads(sys.argv[1])))
@@ -55,6 +58,7 @@ def main():
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "align_jax_thread_determinism")
     os.makedirs(tmp, exist_ok=True)
     first = None
+    print(host_line())
     print(f"{'CPUs':<10} {'hash of loss + gradients':<26} {'loss':<22} max |grad - first run's|")
     for i, s in enumerate(sets):
         path = os.path.join(tmp, f"g{i}.npz")

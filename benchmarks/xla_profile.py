@@ -36,6 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from align_jax.hostinfo import host_line  # noqa: E402
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 CLASSES = ("matmul", "elementwise fusion", "copy/transpose", "reduction", "other")
@@ -227,6 +228,7 @@ def main(argv=None):
         by_class[kinds[name]] += s
     traced = sum(by_class.values())
     peak = matmul_peak()
+    print(host_line(with_jax=True))
     print(f"{title}; 1 CPU device ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); matmul peak (XLA fp32 "
           f"1024^3) {peak / 1e9:.0f} GFLOP/s")
     print(f"wall time per run under the profiler {wall:.3f} s; op time found in the trace {traced:.3f} s per run "

@@ -62,6 +62,10 @@ def summarize(name: str, runs: dict[int, dict]) -> tuple[str, dict]:
     lines.append(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± sample std (ddof 1); wall time per "
                  f"seed {min(secs):.0f}-{max(secs):.0f} s (includes the shared SFT stage only for the first "
                  f"experiment of a seed).")
+    hosts = sorted({f"{h['cpu']} ({', '.join(h['cpu_isa'] or ['?'])})" for h in (runs[s].get("host") for s in seeds) if h})
+    if hosts:  # results written before hosts were recorded have none
+        lines.append(f"Host CPU{'s (results from different CPUs differ in the last bits, then more)' if len(hosts) > 1 else ''}: "
+                     f"{'; '.join(hosts)}.")
     return "\n".join(lines), out
 
 

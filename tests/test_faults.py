@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -159,7 +160,20 @@ def test_config_json_records_the_resolved_config_and_versions(finished):
     assert {"jax", "flax", "optax", "orbax-checkpoint", "transformers", "grain"} <= set(
         saved["_provenance"]["versions"])
     assert "align_jax_commit" in saved["_provenance"]
+    host = saved["_provenance"]["host"]
+    assert host["backend"] == "cpu" and host["devices"].startswith(f"{jax.device_count()} x ")
+    assert host["cpus_usable"] >= 1
     assert list(saved) == sorted(saved)
+
+
+def test_cpu_summary_reads_model_and_instruction_sets():
+    from align_jax.hostinfo import cpu_summary
+
+    text = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512_bf16\n"
+            "\nprocessor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512_bf16\n")
+    assert cpu_summary(text) == {"cpu": "AMD EPYC", "cpu_isa": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    no512 = text.replace(" avx512f avx512dq avx512_bf16", "")
+    assert cpu_summary(no512)["cpu_isa"] == ["avx2", "fma"]
 
 
 def test_restart_with_another_batch_size_is_refused(finished, tmp_path):

@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from align_jax.errors import UserError
+from align_jax.hostinfo import host_record
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,9 @@ def config_record(config) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     record[PROVENANCE] = {"align_jax_commit": _git_commit(), "python": platform.python_version(),
-                          "versions": versions}
+                          "versions": versions, "host": host_record()}
     return record
+
 
 
 def _git_commit() -> str | None:

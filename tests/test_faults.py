@@ -131,6 +131,21 @@ def test_full_disk_in_an_async_save_ends_with_the_message_and_exits_cleanly(tmp_
 # ------------------------------------------------------------------------------------------------ 2. non-finite
 
 
+def test_all_finite_by_hand():
+    """The step's finiteness check (`step.all_finite`, a sum of x * 0): the largest finite floats pass (a sum of the
+    values themselves would overflow), any inf, -inf or NaN in any leaf fails, integer leaves are not checked."""
+    import jax.numpy as jnp
+
+    from align_jax.train.step import all_finite
+
+    big = {"w": jnp.full((3, 5), 3.4e38, jnp.float32), "b": jnp.full((7,), -3.4e38, jnp.float32),
+           "h": jnp.full((4,), 3.3e38, jnp.bfloat16), "n": jnp.array([2**31 - 1], jnp.int32)}
+    assert bool(jax.jit(all_finite)(big)) and bool(all_finite({})) and bool(all_finite({"n": big["n"]}))
+    for leaf, bad in (("w", jnp.inf), ("b", -jnp.inf), ("h", jnp.nan), ("w", jnp.nan)):
+        tree = dict(big, **{leaf: big[leaf].ravel().at[2].set(bad).reshape(big[leaf].shape)})
+        assert not bool(jax.jit(all_finite)(tree)), (leaf, bad)
+
+
 def test_update_that_overflows_the_params_is_skipped_and_never_saved(tmp_path):
     """SGD at lr 1e38: step 1 (warmup lr 0) is good; step 2's loss and gradient are finite but its update
     overflows the parameters to inf. The step is skipped and the saved state is step 1's, finite."""

@@ -33,9 +33,13 @@ def _microbatches(batch, accum: int):
 
 
 def all_finite(tree):
-    """One boolean scalar: every floating-point leaf of `tree` is finite (a single fused reduction)."""
+    """One boolean scalar: every floating-point leaf of `tree` is finite. x * 0 is ±0 for every finite x and NaN for
+    ±inf and NaN, so the sum over all leaves of sum(x * 0) is 0 exactly when all are finite: one read of each leaf
+    with the multiply fused into the reduction. (`isfinite(x).all()` compiled on XLA:CPU to a pass writing a boolean
+    copy of every leaf and a reduction over it: about twice the time, e.g. ~100 ms per step for the params and AdamW
+    state of a 110M model.)"""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+    return sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves) == 0 if leaves else jnp.bool_(True)
 
 
 def train_step(state, batch, ref_params, frozen=None, *, graphdef, rest, ref_graphdef, ref_rest, algorithm, cfg, tx,

@@ -214,3 +214,60 @@ def test_packing_is_set_from_the_command_line(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         assert f"data.packing: {value} " in p.stdout, p.stdout[-2000:]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_sft_packed_rows_equal_the_same_examples_padded(fmt, tmp_path):
+    """SFT packs several examples per row (segment ids, positions restarting at 0; TRL's packing), so a packed batch
+    holds more examples than a padded one: the check is per example set. Each packed batch of the tiny SFT config
+    (its chat examples: loss on the completions; or plain text: loss on every token, so each segment's first token
+    must not be predicted from the previous example) is cut back into one right-padded row per segment; loss (the
+    token mean of the NLL) and gradients must be equal."""
+    import jax
+    from flax import nnx
+
+    from align_jax.algorithms import get_algorithm
+    from align_jax.parallel import host_batch
+    from align_jax.train.data import make_data
+    from align_jax.train.model import build_model
+    from align_jax.train.tokenizer import load_tokenizer
+
+    over = {}
+    if fmt == "text":
+        from align_jax.data.toy import generate
+
+        pairs = [json.loads(x) for x in open(generate(tmp_path / "toy")["pairs"])][:200]
+        (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": r["chosen"][-1]["content"]}) + "\n"
+                                                     for r in pairs))
+        over = {"data.train": str(tmp_path / "text.jsonl")}
+    c = load_config("sft", "tiny", **{"data.eval": "", "data.packing": True, **over})
+    algo = get_algorithm("sft")
+    data = make_data(c, str(tmp_path), load_tokenizer(c), algo)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    graphdef, params, rest = nnx.split(build_model(c, mesh, algo), nnx.Param, ...)
+
+    @jax.jit
+    def f(params, batch):
+        return jax.value_and_grad(lambda p: algo.loss(nnx.merge(graphdef, p, rest), batch, None, c)[0])(params)
+
+    it = iter(data.train)
+    for _ in range(2):
+        pk = host_batch(next(it))
+        assert "segment_ids" in pk and pk["segment_ids"].max() > 1  # rows really hold several examples
+        L = pk["input_ids"].shape[1]
+        rows = {"input_ids": [], "attention_mask": [], "completion_mask": []}
+        for r in range(pk["input_ids"].shape[0]):
+            for s in range(1, int(pk["segment_ids"][r].max()) + 1):
+                at = np.flatnonzero(pk["segment_ids"][r] == s)
+                assert (pk["positions"][r, at] == np.arange(len(at))).all()
+                for k in rows:
+                    src = np.ones(L, np.int32) if k == "attention_mask" else pk[k][r]
+                    rows[k].append(np.pad(src[at], (0, L - len(at))))
+        pad = {k: np.stack(v).astype(np.int32) for k, v in rows.items()}
+        pad["example_weight"] = np.ones(len(pad["input_ids"]), np.float32)
+        assert len(pad["input_ids"]) > len(pk["input_ids"])
+        (lp, gp), (lq, gq) = jax.device_get(f(params, pk)), jax.device_get(f(params, pad))
+        np.testing.assert_allclose(lp, lq, rtol=1e-5)
+        assert 2.0 < lq < 7.0  # ~ log(256) at random init: a real NLL, not a masked-out 0
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gq)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

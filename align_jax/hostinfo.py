@@ -41,11 +41,15 @@ def host_record(with_jax: bool = True) -> dict:
     return out
 
 
+def describe(h: dict) -> str:
+    """A `host_record` as one line: "host: <cpu>, <n> usable CPUs, <extensions>[; jax: <devices>]"."""
+    n = h["cpus_usable"]
+    devices = f"; jax: {h['devices']}" if "devices" in h else ""
+    isa = h["cpu_isa"]
+    isa = ", ".join(isa) if isa else "instruction sets unknown" if isa is None else "no AVX2/FMA/AVX-512/AMX"
+    return f"host: {h['cpu']}, {n} usable CPU{'s' if n != 1 else ''}, {isa}{devices}"
+
+
 def host_line(with_jax: bool = False) -> str:
-    """One line for a benchmark's or experiment's output: CPU, extensions, CPUs usable, load average (1, 5, 15
-    minutes) and, `with_jax`, jax's devices."""
-    h = host_record(with_jax)
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    devices = f"; jax: {h['devices']}" if with_jax else ""
-    return (f"host: {h['cpu']}, {h['cpus_usable']} usable CPU{'s' if h['cpus_usable'] != 1 else ''}, {', '.join(h['cpu_isa'] or ['?'])}{devices}; "
-            f"load {load}")
+    """One line for a benchmark's output: `describe(host_record(with_jax))` and the load average (1, 5, 15 min)."""
+    return describe(host_record(with_jax)) + "; load " + " ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -25,7 +25,8 @@ from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import toy_pipeline as tp  # noqa: E402  (AXES; its flags --workdir etc. are defined there)
+import toy_pipeline as tp  # noqa: E402  (AXES; its flags --workdir etc. are defined there; puts the repo on sys.path)
+from align_jax.hostinfo import describe  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (at least 3 for a standard deviation worth reading).")
 flags.DEFINE_list("experiments", ["toy_pipeline", "toy_grpo", "toy_rlhf"], "Experiments to run per seed.")
@@ -62,10 +63,10 @@ def summarize(name: str, runs: dict[int, dict]) -> tuple[str, dict]:
     lines.append(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± sample std (ddof 1); wall time per "
                  f"seed {min(secs):.0f}-{max(secs):.0f} s (includes the shared SFT stage only for the first "
                  f"experiment of a seed).")
-    hosts = sorted({f"{h['cpu']} ({', '.join(h['cpu_isa'] or ['?'])})" for h in (runs[s].get("host") for s in seeds) if h})
+    hosts = sorted({describe(h) for h in (runs[s].get("host") for s in seeds) if h})
     if hosts:  # results written before hosts were recorded have none
-        lines.append(f"Host CPU{'s (results from different CPUs differ in the last bits, then more)' if len(hosts) > 1 else ''}: "
-                     f"{'; '.join(hosts)}.")
+        lines.append("; ".join(hosts) + (" (results from different hosts differ in the last bits, then more)"
+                                         if len(hosts) > 1 else ""))
     return "\n".join(lines), out
 
 

@@ -174,13 +174,12 @@ def table(sft: dict, dpo: dict, name: str = "DPO") -> str:
 def report(wd: str, stem: str, name: str, sft: dict, aligned: dict, md: str, t0: float, plot_file: str,
            training: dict | None = None) -> None:
     """Writes <wd>/<stem>.json and <stem>.md, prints sample answers of the aligned policy and the table."""
-    from align_jax.hostinfo import host_record
+    from align_jax.hostinfo import describe, host_record
 
     host = host_record()  # the CPU decides the last bits of XLA:CPU's floats: record it with the numbers
     out = {"sft": sft, name.lower(): aligned, "seconds": time.time() - t0, "seed": FLAGS.seed,
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "host": host}
-    md += (f"\n\nhost: {host['cpu']}, {host['cpus_usable']} usable CPU{'s' if host['cpus_usable'] != 1 else ''}, instruction sets "
-           f"{', '.join(host['cpu_isa'] or ['unknown'])}; {host['devices']}")
+    md += "\n\n" + describe(host)
     if training is not None:
         out["training"] = training
     with open(os.path.join(wd, f"{stem}.json"), "w") as f:

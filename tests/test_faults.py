@@ -189,6 +189,12 @@ def test_cpu_summary_reads_model_and_instruction_sets():
     assert cpu_summary(text) == {"cpu": "AMD EPYC", "cpu_isa": ["avx2", "fma", "avx512f", "avx512_bf16"]}
     no512 = text.replace(" avx512f avx512dq avx512_bf16", "")
     assert cpu_summary(no512)["cpu_isa"] == ["avx2", "fma"]
+    from align_jax.hostinfo import describe
+
+    assert describe({**cpu_summary(no512), "cpus_usable": 1, "devices": "1 x cpu"}) == \
+        "host: AMD EPYC, 1 usable CPU, avx2, fma; jax: 1 x cpu"
+    assert describe({"cpu": "X", "cpu_isa": [], "cpus_usable": 2}) == "host: X, 2 usable CPUs, no AVX2/FMA/AVX-512/AMX"
+    assert describe({"cpu": None, "cpu_isa": None, "cpus_usable": 4}).endswith("4 usable CPUs, instruction sets unknown")
 
 
 def test_restart_with_another_batch_size_is_refused(finished, tmp_path):

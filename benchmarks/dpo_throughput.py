@@ -16,8 +16,10 @@ Data (the same pre-tokenized rows, in the same order, on both sides):
 DPO settings on both sides: sigmoid loss, beta 0.1, AdamW lr 5e-6 with linear decay, gradient clipping at norm 1.0,
 batch --batch-size pairs (2x rows: chosen and rejected in one forward), no truncation. Sides (--sides):
 * `jax-default`: align-jax as configs/dpo.py runs it: packed rows and a precomputed reference (a forward-only pass
-  over the batches first, `dpo.reference_logps`; the step then runs no reference forward). Its throughput counts
-  the reference pass's time with the steps' (the work is the same: every token gets one reference forward).
+  over the same pairs first, `dpo.reference_logps`, as `precompute_reference` runs it: padded rows, batches of the
+  config's eval_batch_size = 64 pairs, or all the pairs there are if fewer; the step then runs no reference
+  forward). Its throughput counts the reference pass's time with the steps' (the work is the same: every token
+  gets one reference forward).
 * `jax-packed`, `jax`: packed rows / rows padded to a multiple of --bucket, each with a live reference model (a
   second copy of the weights), i.e. TRL's settings: the "equal settings" ratios.
 * `trl`: DPOTrainer at its defaults (live reference, padding to the batch's longest row, gradient checkpointing).
@@ -270,17 +272,33 @@ def run_jax(model_dir: str, rows: list[dict], batch_size: int, steps: int, warmu
             host = dict(host, ref_chosen_logps=ref_table[i][0], ref_rejected_logps=ref_table[i][1])
         return host
 
-    def reference_pass(batches):  # fills ref_table {batch index: (chosen [B], rejected [B])}; returns its seconds
+    def reference_pass(batches):
+        """As `precompute_reference` runs it in `train()`: the batches' pairs in order, in padded (not packed) batches
+        of configs/dpo.py's eval_batch_size pairs (here at most the pairs there are: on a real dataset only the last
+        partial batch is padded with empty rows). Fills ref_table {batch index: (chosen [B], rejected [B])};
+        returns its seconds."""
+        pairs = [r for rs in batches for r in rs]
+        B = min(cfg.eval_batch_size, len(pairs))
         t = time.perf_counter()
+        c, r = [], []
+        for k in range(0, len(pairs), B):
+            part = pairs[k:k + B]
+            host = host_batch(collate_pairwise(examples(part), batch_size=B, buckets=buckets, pad_id=PAD_ID))
+            ck, rk = jax.device_get(ref_pass(ref_params, to_device(host, mesh)))
+            c.append(np.asarray(ck)[:len(part)])
+            r.append(np.asarray(rk)[:len(part)])
+        seconds = time.perf_counter() - t
+        c, r, k = np.concatenate(c), np.concatenate(r), 0
         for rs in batches:
-            c, r = jax.device_get(ref_pass(ref_params, to_device(collate(rs), mesh)))
-            ref_table[index[id(rs)]] = (np.asarray(c), np.asarray(r))
-        return time.perf_counter() - t
+            ref_table[index[id(rs)]] = (c[k:k + len(rs)], r[k:k + len(rs)])
+            k += len(rs)
+        return seconds
 
     index = {id(rs): i for i, rs in enumerate(batches_rows)}
     reference_seconds = 0.0
     if precompute:
-        reference_pass(warm)  # compiles the forward per shape (untimed, as the steps' warm-up)
+        reference_pass(warm)
+        reference_pass(timed)  # compiles the pass's shapes (untimed, as the steps' warm-up); the same work again:
         reference_seconds = reference_pass(timed)
     step_fn = jit_train_step(state_shardings=jax.tree.map(lambda x: x.sharding, state),
                              batch_shardings=batch_specs(with_reference(0, collate(batches_rows[0])), mesh),

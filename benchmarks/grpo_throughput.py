@@ -256,7 +256,7 @@ def main():
     if a.child:
         return _child(a)
     print(host_line())
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.prompts} prompts x "
+    print(f"{a.prompts} prompts x "
           f"{a.generations} completions, <= {a.new} new tokens, {a.warmup} warm-up + {a.steps} timed steps")
     table = []
     peaks = matmul_peaks()

@@ -231,7 +231,7 @@ def main():
         return _child(a)
     sides = a.sides
     print(host_line())
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.prompts} prompts x 1 "
+    print(f"{a.prompts} prompts x 1 "
           f"completion, <= {a.new} new tokens, {a.warmup} warm-up + {a.steps} timed rollouts")
     res = {}
     with tempfile.TemporaryDirectory() as wd:

@@ -275,7 +275,6 @@ def config_record(config) -> dict:
     return record
 
 
-
 def _git_commit() -> str | None:
     """align-jax's checkout commit, read from .git without running git (None when not a git checkout)."""
     git = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".git")

@@ -36,8 +36,8 @@ def all_finite(tree):
     """One boolean scalar: every floating-point leaf of `tree` is finite. x * 0 is ±0 for every finite x and NaN for
     ±inf and NaN, so the sum over all leaves of sum(x * 0) is 0 exactly when all are finite: one read of each leaf
     with the multiply fused into the reduction. (`isfinite(x).all()` compiled on XLA:CPU to a pass writing a boolean
-    copy of every leaf and a reduction over it: about twice the time, e.g. ~100 ms per step for the params and AdamW
-    state of a 110M model.)"""
+    copy of every leaf and a reduction over it: `python benchmarks/finite_check.py` measured 1.9x, 197 vs 104 ms for
+    a 110M model's params and AdamW state on 2 CPU cores.)"""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves) == 0 if leaves else jnp.bool_(True)
 
